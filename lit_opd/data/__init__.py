@@ -1,0 +1,1 @@
+"""Prompt data: the DataModule, prompt templates, packaged benchmarks, the synthetic task."""

@@ -1,0 +1,175 @@
+"""Gates g_t that multiply the position losses: blockwise policy drift and SG-OPD's sign
+consistency. Pure torch; every gate is detached.
+
+Shapes: `mask` bool [B, T] (True on response tokens that count); every returned [B, T]
+tensor is 0 where `mask` is False.
+"""
+
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+from lit_opd._checks import check_finite, check_mask, check_nonempty, check_same_shape
+
+Unit = Literal["token", "block", "span", "sequence"]
+Aggregation = Literal["mean_abs", "mean", "max_abs", "rms"]
+
+
+def unit_ids(
+    mask: Tensor, unit: Unit, block_size: int = 64, span_ends: Tensor | None = None
+) -> Tensor:
+    """[B, T] long: the index of the unit (within its row) that each position belongs to.
+
+    token: t. block: (t − t₀) // block_size, t₀ = the row's first masked-in position (positions
+    before t₀ take block 0, they are masked out anyway). span: the number of span ends strictly
+    before t (`span_ends` marks the last token of each span). sequence: 0.
+    """
+    B, T = mask.shape
+    positions = torch.arange(T, device=mask.device).expand(B, T)
+    if unit == "token":
+        return positions
+    if unit == "block":
+        if block_size < 1:
+            raise ValueError(f"block_size must be ≥ 1, got {block_size}")
+        first = mask.long().argmax(dim=1, keepdim=True)
+        return ((positions - first).clamp(min=0) // block_size).long()
+    if unit == "span":
+        if span_ends is None:
+            raise ValueError("unit='span' needs span_ends (bool [B, T] marking each span's last token)")
+        check_same_shape("mask", mask.shape, span_ends=span_ends)
+        ends = span_ends.long()
+        return torch.cumsum(ends, dim=1) - ends
+    if unit == "sequence":
+        return torch.zeros_like(positions)
+    raise ValueError(f"unit must be 'token', 'block', 'span' or 'sequence', got {unit!r}")
+
+
+def unit_drift(drift: Tensor, mask: Tensor, ids: Tensor, agg: Aggregation) -> Tensor:
+    """D_u broadcast back to positions: [B, T], the aggregate of `drift` over the masked-in
+    positions of each position's unit `ids`.
+
+    mean_abs: mean |d|; mean: mean d; max_abs: max |d|; rms: sqrt(mean d²).
+    """
+    B, T = drift.shape
+    m = mask.to(drift.dtype)
+    if agg == "mean_abs":
+        values = drift.abs()
+    elif agg == "mean":
+        values = drift
+    elif agg == "rms":
+        values = drift.square()
+    elif agg == "max_abs":
+        values = drift.abs()
+    else:
+        raise ValueError(f"agg must be 'mean_abs', 'mean', 'max_abs' or 'rms', got {agg!r}")
+    values = values * m
+    if agg == "max_abs":
+        per_unit = torch.zeros(B, T, dtype=drift.dtype, device=drift.device)
+        per_unit = per_unit.scatter_reduce(1, ids, values, reduce="amax", include_self=True)
+        return per_unit.gather(1, ids)
+    sums = torch.zeros(B, T, dtype=drift.dtype, device=drift.device).scatter_add(1, ids, values)
+    counts = torch.zeros(B, T, dtype=drift.dtype, device=drift.device).scatter_add(1, ids, m)
+    per_unit = sums / counts.clamp(min=1.0)
+    if agg == "rms":
+        per_unit = per_unit.sqrt()
+    return per_unit.gather(1, ids)
+
+
+def normalize_gate(
+    raw: Tensor,
+    mask: Tensor,
+    g_min: float | None = None,
+    g_max: float | None = None,
+    residual_alpha: float | None = None,
+    mean: Tensor | None = None,
+) -> Tensor:
+    """Mean-normalise a raw gate r over the valid positions: g = r / mean_m(r).
+
+    `mean` overrides mean_m(r) (e.g. the mean over the global batch, reduced across ranks).
+    residual_alpha α: g = 1 + α·(r/mean(r) − 1). Then clip to [g_min, g_max]. 0 off the mask.
+    """
+    raw = raw.detach()
+    if mean is None:
+        check_nonempty(mask)
+        mean = (raw * mask).sum() / mask.sum()
+    gate = raw / mean
+    if residual_alpha is not None:
+        gate = 1.0 + residual_alpha * (gate - 1.0)
+    if g_min is not None or g_max is not None:
+        gate = gate.clamp(min=g_min, max=g_max)
+    return gate.masked_fill(~mask, 0.0)
+
+
+def raw_drift_gate(
+    logp: Tensor,
+    old_logp: Tensor,
+    mask: Tensor,
+    unit: Unit = "block",
+    block_size: int = 64,
+    span_ends: Tensor | None = None,
+    agg: Aggregation = "mean_abs",
+    sharpness: float = 1.0,
+) -> Tensor:
+    """r_t = exp(−λ·D_u(t)), D_u the aggregated drift d = sg(logp − old_logp) over t's unit.
+    [B, T], detached, not normalised, 0 off the mask."""
+    check_mask(mask)
+    check_same_shape("mask", mask.shape, logp=logp, old_logp=old_logp)
+    check_finite(mask, logp=logp, old_logp=old_logp)
+    drift = (logp - old_logp).detach().masked_fill(~mask, 0.0)
+    ids = unit_ids(mask, unit, block_size, span_ends)
+    raw = torch.exp(-sharpness * unit_drift(drift, mask, ids, agg))
+    return raw.masked_fill(~mask, 0.0)
+
+
+def drift_gate(
+    logp: Tensor,
+    old_logp: Tensor,
+    mask: Tensor,
+    unit: Unit = "block",
+    block_size: int = 64,
+    span_ends: Tensor | None = None,
+    agg: Aggregation = "mean_abs",
+    sharpness: float = 1.0,
+    g_min: float | None = None,
+    g_max: float | None = None,
+    residual_alpha: float | None = None,
+) -> Tensor:
+    """Blockwise policy-drift gate (the "Block64" gate with unit='block', block_size=64).
+
+    logp: [B, T] log π_θ(y_t); old_logp: [B, T] log π_old(y_t).
+        d_t = sg(logp_t − old_logp_t);  D_u = agg_{t∈u, m_t} d_t;  r_t = exp(−sharpness·D_u(t))
+        g_t = r_t / (Σ_m r / Σ_m 1)      (token-weighted mean over all masked-in positions)
+    Optional residual form g = 1 + α(r/mean(r) − 1) and clip to [g_min, g_max].
+    Returns [B, T], detached, 0 where mask is False.
+    """
+    check_mask(mask)
+    check_nonempty(mask)
+    raw = raw_drift_gate(logp, old_logp, mask, unit, block_size, span_ends, agg, sharpness)
+    return normalize_gate(raw, mask, g_min, g_max, residual_alpha)
+
+
+def sign_consistency_gate(
+    logp: Tensor,
+    teacher_logp: Tensor,
+    correct: Tensor,
+    mask: Tensor,
+    alpha: float,
+    beta: float,
+) -> Tensor:
+    """SG-OPD sign-consistency gate.
+
+    logp, teacher_logp: [B, T]; correct: bool [B] (verifier verdict per row).
+        s_T,t = +1 if teacher_logp_t ≥ logp_t else −1;   s_V = +1 if correct else −1
+        g_t = 1 + alpha where s_T,t = s_V (extrapolate), beta where they disagree (interpolate)
+    Returns [B, T], detached, 0 where mask is False.
+    """
+    check_mask(mask)
+    check_same_shape("mask", mask.shape, logp=logp, teacher_logp=teacher_logp)
+    if correct.shape != mask.shape[:1]:
+        raise ValueError(f"correct must be [B] = [{mask.shape[0]}], got shape {tuple(correct.shape)}")
+    check_finite(mask, logp=logp, teacher_logp=teacher_logp)
+    teacher_up = teacher_logp.detach() >= logp.detach()
+    agree = teacher_up == correct.bool()[:, None]
+    gate = torch.where(agree, 1.0 + alpha, beta).to(logp.dtype)
+    return gate.masked_fill(~mask, 0.0)
