@@ -171,5 +171,99 @@ def sign_consistency_gate(
     check_finite(mask, logp=logp, teacher_logp=teacher_logp)
     teacher_up = teacher_logp.detach() >= logp.detach()
     agree = teacher_up == correct.bool()[:, None]
-    gate = torch.where(agree, 1.0 + alpha, beta).to(logp.dtype)
+    gate = torch.full(mask.shape, beta, dtype=logp.dtype, device=logp.device).masked_fill(agree, 1.0 + alpha)
     return gate.masked_fill(~mask, 0.0)
+
+
+def global_masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Σ_m values / Σ_m 1 over the global batch: summed across ranks when torch.distributed is
+    initialised (every rank must call this, as every rank computes its gates each step)."""
+    totals = torch.stack([(values * mask).sum(), mask.sum().to(values.dtype)])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    if totals[1] == 0:
+        raise ValueError("mask selects no position in the global batch: nothing to average over")
+    return totals[0] / totals[1]
+
+
+class Gate:
+    """A gate as the training modules use it: `gate(batch, logp)` → detached [B, T] g_t.
+
+    `batch` is a rollout mini-batch (keys: response_ids, response_mask, old_logp, teacher_logp,
+    correct, ...); `logp` [B, T] is log π_θ of the sampled tokens. Gates are given in YAML by
+    class_path and composed by product.
+    """
+
+    def prepare(self, tokenizer) -> None:
+        """Called once with the tokenizer before training (e.g. to find delimiter tokens)."""
+
+    def __call__(self, batch: dict[str, Tensor], logp: Tensor) -> Tensor:
+        raise NotImplementedError
+
+
+class DriftGate(Gate):
+    """Policy-drift gate (`drift_gate`), mean-normalised over the global batch (all ranks).
+
+    unit="span" splits the response after every token whose text contains `span_delimiter`
+    (a blank line "\\n\\n" by default: one reasoning step per span).
+    """
+
+    def __init__(
+        self,
+        unit: Unit = "block",
+        block_size: int = 64,
+        span_delimiter: str = "\n\n",
+        agg: Aggregation = "mean_abs",
+        sharpness: float = 1.0,
+        g_min: float | None = None,
+        g_max: float | None = None,
+        residual_alpha: float | None = None,
+    ):
+        self.unit, self.block_size, self.span_delimiter = unit, block_size, span_delimiter
+        self.agg, self.sharpness = agg, sharpness
+        self.g_min, self.g_max, self.residual_alpha = g_min, g_max, residual_alpha
+        self.delimiter_ids: Tensor | None = None
+
+    def prepare(self, tokenizer) -> None:
+        if self.unit != "span":
+            return
+        vocab = tokenizer.get_vocab()
+        ids = [i for token, i in vocab.items() if self.span_delimiter in tokenizer.convert_tokens_to_string([token])]
+        if not ids:
+            raise ValueError(f"no token of the tokenizer contains span_delimiter {self.span_delimiter!r}")
+        self.delimiter_ids = torch.tensor(sorted(ids))
+
+    def span_ends(self, batch: dict[str, Tensor]) -> Tensor | None:
+        if self.unit != "span":
+            return None
+        if self.delimiter_ids is None:
+            raise ValueError("DriftGate(unit='span') needs prepare(tokenizer) before use")
+        ids = batch["response_ids"]
+        return torch.isin(ids, self.delimiter_ids.to(ids.device))
+
+    def __call__(self, batch, logp):
+        mask = batch["response_mask"]
+        raw = raw_drift_gate(
+            logp, batch["old_logp"], mask, self.unit, self.block_size, self.span_ends(batch), self.agg, self.sharpness
+        )
+        mean = global_masked_mean(raw, mask)
+        return normalize_gate(raw, mask, self.g_min, self.g_max, self.residual_alpha, mean=mean)
+
+
+class SignConsistencyGate(Gate):
+    """SG-OPD's sign-consistency gate (`sign_consistency_gate`): 1 + alpha where the teacher's
+    direction agrees with the verifier's, beta (0 ≤ beta < 1) where it does not."""
+
+    def __init__(self, alpha: float = 0.5, beta: float = 0.5):
+        if alpha < 0:
+            raise ValueError(f"alpha must be ≥ 0, got {alpha}")
+        if not 0 <= beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        self.alpha, self.beta = alpha, beta
+
+    def __call__(self, batch, logp):
+        if "correct" not in batch:
+            raise ValueError("SignConsistencyGate needs verifier verdicts: use the SGOPD module (it verifies rollouts)")
+        return sign_consistency_gate(
+            logp, batch["teacher_logp"], batch["correct"], batch["response_mask"], self.alpha, self.beta
+        )

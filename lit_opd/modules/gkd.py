@@ -1,0 +1,66 @@
+"""Full-vocabulary GKD baseline: generalised JSD(β) between student and teacher at every
+response position, computed chunked (teacher forward per step: full logits are not cached)."""
+
+import lightning as L
+import torch
+
+from lit_opd.gates import Gate
+from lit_opd.logprobs import chunked_generalized_jsd, token_logprobs
+from lit_opd.losses import Reduction
+from lit_opd.modules.mixin import DType, GatedLossMixin, OptimConfig, RolloutConfig
+
+
+class GKD(GatedLossMixin, L.LightningModule):
+    """ℓ_t = β·KL(T ‖ M) + (1−β)·KL(S ‖ M), M = βT + (1−β)S, over the full vocabulary at
+    temperature τ (β=0 forward KL, β=1 reverse KL; `losses.generalized_jsd`), on the student's
+    own samples. Teacher and student must share the vocabulary and the lm_head row count.
+
+    Args (beyond SampledTokenOPD's): beta, temperature (τ) of the divergence.
+    """
+
+    def __init__(
+        self,
+        student: str,
+        teacher: str,
+        tokenizer: str | None = None,
+        dtype: DType = "bfloat16",
+        rollout: RolloutConfig = RolloutConfig(),
+        optim: OptimConfig = OptimConfig(),
+        gates: list[Gate] | None = None,
+        reduction: Reduction = "token_mean",
+        beta: float = 0.5,
+        temperature: float = 1.0,
+        chunk_size: int = 1024,
+        gradient_checkpointing: bool = False,
+        max_nonfinite_steps: int = 5,
+        seed: int = 0,
+    ):
+        super().__init__()
+        self.save_hyperparameters(ignore=["gates"])
+        self.init_distillation(student, teacher, tokenizer, dtype, rollout, optim, gates, reduction, chunk_size,
+                               gradient_checkpointing, max_nonfinite_steps, seed)
+        if not 0.0 <= beta <= 1.0:
+            raise ValueError(f"model.beta must be in [0, 1], got {beta}")
+        self.beta, self.temperature = beta, temperature
+
+    def configure_model(self) -> None:
+        super().configure_model()
+        student_rows = self.policy.lm_head_weight.shape[0]
+        teacher_rows = self.teacher.lm_head_weight.shape[0]
+        if student_rows != teacher_rows:
+            raise ValueError(f"GKD needs equal lm_head sizes: student {student_rows} rows, teacher {teacher_rows}")
+
+    def student_scores(self, mb):
+        T = mb["response_ids"].shape[1]
+        hidden = self.policy.response_hidden(mb["input_ids"], mb["attention_mask"], T)
+        with torch.no_grad():
+            teacher_hidden = self.teacher.response_hidden(mb["input_ids"], mb["attention_mask"], T)
+        logp = token_logprobs(hidden, self.policy.lm_head_weight, mb["response_ids"], self.chunk_size)
+        return {"logp": logp, "hidden": hidden, "teacher_hidden": teacher_hidden}
+
+    def per_token_loss(self, mb, scores):
+        jsd = chunked_generalized_jsd(
+            scores["hidden"], self.policy.lm_head_weight, scores["teacher_hidden"], self.teacher.lm_head_weight,
+            self.beta, self.temperature, self.chunk_size,
+        )
+        return jsd.masked_fill(~mb["response_mask"], 0.0)

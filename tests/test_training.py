@@ -1,0 +1,148 @@
+"""The training system end to end on tiny models: every variant through the CLI, the rollout
+buffer's reuse and drift, one teacher scoring per rollout batch, gradient accumulation, resume."""
+
+import json
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from lit_opd.cli import main
+from lit_opd.data.prompts import PromptDataModule
+from lit_opd.gates import DriftGate
+from lit_opd.modules import OptimConfig, RolloutConfig, SampledTokenOPD
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+TRAINING_CONFIGS = [c for c in CONFIGS if c.stem not in ("eval",)]
+OVERRIDES = str(ROOT / "tests" / "data" / "tiny_overrides.yaml")
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with path.open("w") as handle:
+        for i in range(24):
+            handle.write(json.dumps({"id": i, "problem": f"{i}+{i + 1}=?", "answer": str(2 * i + 1)}) + "\n")
+    return str(path)
+
+
+def tiny_args(checkpoints, prompts_file, *extra):
+    return [
+        f"--model.init_args.student={checkpoints['student']}",
+        f"--model.init_args.teacher={checkpoints['teacher']}",
+        "--model.init_args.dtype=float32",
+        "--model.init_args.rollout.num_samples=2",
+        "--model.init_args.rollout.max_new_tokens=8",
+        "--model.init_args.rollout.score_batch_size=4",
+        f"--data.tokenizer={checkpoints['student']}",
+        f"--data.train_data={prompts_file}",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+def test_every_config_prints(config, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path: lit_opd.modules." in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("config", TRAINING_CONFIGS, ids=lambda p: p.stem)
+def test_every_variant_fits_two_steps(config, tiny_checkpoints, prompts_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main(["fit", "--config", str(config), "--config", OVERRIDES, *tiny_args(tiny_checkpoints, prompts_file)])
+
+
+class Recorder(SampledTokenOPD):
+    """SampledTokenOPD that records what each step saw (test-only subclass)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.records, self.teacher_calls = [], 0
+
+    def configure_model(self):
+        super().configure_model()
+        original = self.teacher.forward
+
+        def counted(*args, **kwargs):
+            self.teacher_calls += 1
+            return original(*args, **kwargs)
+
+        self.teacher.forward = counted
+
+    def log_training(self, mb, scores, gates, position_loss, reuse_index):
+        drift = (scores["logp"].detach() - mb["old_logp"]).abs()[mb["response_mask"]].max().item()
+        self.records.append({"step": self.global_step, "reuse": reuse_index, "drift": drift})
+        super().log_training(mb, scores, gates, position_loss, reuse_index)
+
+
+def make_module(checkpoints, cls=Recorder, **kwargs):
+    defaults = dict(
+        dtype="float32",
+        rollout=RolloutConfig(num_samples=2, max_new_tokens=8, score_batch_size=64),
+        optim=OptimConfig(lr=1e-2),
+        gates=[DriftGate(block_size=4)],
+    )
+    defaults.update(kwargs)
+    return cls(checkpoints["student"], checkpoints["teacher"], **defaults)
+
+
+def make_trainer(max_steps, **kwargs):
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)
+    defaults.update(kwargs)
+    return L.Trainer(max_steps=max_steps, **defaults)
+
+
+def test_reuse_drift_zero_on_first_use_and_teacher_scored_once(tiny_checkpoints, prompts_file):
+    module = make_module(tiny_checkpoints, rollout=RolloutConfig(num_samples=2, max_new_tokens=8, score_batch_size=64))
+    data = PromptDataModule(tiny_checkpoints["student"], prompts_file, prompts_per_rollout=2, reuse=2, num_minibatches=1)
+    make_trainer(4).fit(module, data)
+    assert [r["reuse"] for r in module.records] == [0, 1, 0, 1]
+    assert [r["drift"] == 0.0 for r in module.records] == [True, False, True, False]
+    assert module.teacher_calls == 2  # one scoring pass per rollout batch (score_batch_size ≥ rows)
+
+
+def gradient_after_one_step(checkpoints, prompts_file, num_minibatches, accumulate):
+    torch.manual_seed(0)
+    module = make_module(checkpoints, optim=OptimConfig(lr=0.0))
+    grads = {}
+
+    class Capture(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            for name, p in pl_module.policy.named_parameters():
+                grads[name] = p.grad.detach().clone()
+
+    data = PromptDataModule(checkpoints["student"], prompts_file, prompts_per_rollout=4, reuse=1,
+                            num_minibatches=num_minibatches, shuffle=False)
+    make_trainer(1, accumulate_grad_batches=accumulate, callbacks=[Capture()]).fit(module, data)
+    return grads
+
+
+def test_gradient_accumulation_equals_one_big_batch(tiny_checkpoints, prompts_file):
+    big = gradient_after_one_step(tiny_checkpoints, prompts_file, num_minibatches=1, accumulate=1)
+    accumulated = gradient_after_one_step(tiny_checkpoints, prompts_file, num_minibatches=2, accumulate=2)
+    assert big.keys() == accumulated.keys()
+    for name in big:
+        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
+    assert any(g.abs().sum() > 0 for g in big.values())
+
+
+def test_teacher_with_other_vocabulary_is_refused(tiny_checkpoints, tmp_path):
+    from transformers import AutoTokenizer
+
+    other = AutoTokenizer.from_pretrained(tiny_checkpoints["teacher"])
+    other.add_tokens(["<extra_token>"])
+    other.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="tokenizers differ"):
+        SampledTokenOPD(tiny_checkpoints["student"], str(tmp_path))
+
+
+def test_minibatches_must_divide_by_accumulation(tiny_checkpoints, prompts_file):
+    module = make_module(tiny_checkpoints)
+    data = PromptDataModule(tiny_checkpoints["student"], prompts_file, prompts_per_rollout=2, num_minibatches=3)
+    with pytest.raises(ValueError, match="multiple of"):
+        make_trainer(1, accumulate_grad_batches=2).fit(module, data)
