@@ -102,8 +102,9 @@ def topk_logprobs(hidden: Tensor, weight: Tensor, k: int, chunk_size: int = 1024
 
 
 def _jsd_chunk(h_s: Tensor, w_s: Tensor, h_t: Tensor, w_t: Tensor, beta: float, temperature: float) -> Tensor:
-    log_s = torch.log_softmax((h_s @ w_s.T).float() / temperature, dim=-1)
-    log_t = torch.log_softmax((h_t @ w_t.T).float() / temperature, dim=-1)
+    acc = _accumulation_dtype(h_s)
+    log_s = torch.log_softmax((h_s @ w_s.T).to(acc) / temperature, dim=-1)
+    log_t = torch.log_softmax((h_t @ w_t.T).to(acc) / temperature, dim=-1)
     return _jsd(log_s, log_t, beta)
 
 
@@ -119,8 +120,9 @@ def chunked_generalized_jsd(
     """Full-vocabulary generalised JSD(β) (as `losses.generalized_jsd`) from hidden states.
 
     student_hidden, teacher_hidden: [..., H_s], [..., H_t]; weights [V, H_s], [V, H_t].
-    Returns [...] float32. Each chunk is recomputed in the backward (activation checkpointing),
-    so only one chunk's [chunk_size, V] logits are alive at a time. The teacher side is sg.
+    Returns [...] float32 (float64 for float64 input). Each chunk is recomputed in the backward
+    (activation checkpointing), so only one chunk's [chunk_size, V] logits are alive at a time.
+    The teacher side is sg.
     """
     lead = student_hidden.shape[:-1]
     h_s = student_hidden.reshape(-1, student_hidden.shape[-1])

@@ -38,6 +38,7 @@ def sampled_token_opd(
     check_mask(mask)
     check_same_shape("mask", mask.shape, logp=logp, old_logp=old_logp, teacher_logp=teacher_logp)
     check_finite(mask, logp=logp, old_logp=old_logp, teacher_logp=teacher_logp)
+    logp, old_logp, teacher_logp = (_zero_padding(mask, x) for x in (logp, old_logp, teacher_logp))
     advantage = (teacher_logp - old_logp).detach()
     ratio = torch.exp(logp - old_logp.detach())
     loss = -ratio * advantage
@@ -48,11 +49,25 @@ def sampled_token_opd(
     return loss.masked_fill(~mask, 0.0)
 
 
+def _zero_padding(mask: Tensor, x: Tensor) -> Tensor:
+    """x ([B, T] or [B, T, ...]) with 0 where mask is False. Padding may hold anything (NaN, ±inf);
+    masking only the output would still let 0·NaN poison the backward pass."""
+    return x.masked_fill(~mask.reshape(*mask.shape, *[1] * (x.dim() - 2)), 0.0)
+
+
 def _log1mexp(x: Tensor) -> Tensor:
-    """log(1 − exp(x)) for x ≤ 0, stable at both ends, floored at log(tiny)."""
+    """log(1 − exp(x)) for x ≤ 0, stable at both ends, floored at log(tiny).
+
+    Both branches of the `where` get inputs at which they and their gradients are finite (a
+    NaN in the unused branch's backward still poisons the gradient); at x = 0 (the support
+    holds all the mass) the floor makes the gradient 0 instead of NaN.
+    """
     x = x.clamp(max=0.0)
-    out = torch.where(x > -math.log(2.0), torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-    return out.clamp(min=math.log(torch.finfo(x.dtype).tiny))
+    near_zero = x > -math.log(2.0)
+    tiny = torch.finfo(x.dtype).tiny
+    small_branch = torch.log((-torch.expm1(x)).clamp(min=tiny))
+    large_branch = torch.log1p(-torch.exp(x.clamp(max=-math.log(2.0))))
+    return torch.where(near_zero, small_branch, large_branch)
 
 
 def _support_log_distribution(logp: Tensor, tail: bool) -> Tensor:
@@ -111,9 +126,11 @@ def topk_lsm(
             f"student_logp is {tuple(student_logp.shape)} but mask is {tuple(mask.shape)}: "
             "the first two dimensions must match"
         )
+    if divergence == "jsd" and not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
     check_finite(mask, student_logp=student_logp, teacher_logp=teacher_logp)
-    log_student = _support_log_distribution(student_logp, tail)
-    log_teacher = _support_log_distribution(teacher_logp.detach(), tail)
+    log_student = _support_log_distribution(_zero_padding(mask, student_logp), tail)
+    log_teacher = _support_log_distribution(_zero_padding(mask, teacher_logp.detach()), tail)
     if divergence == "reverse_kl":
         loss = _kl(log_student, log_teacher)
     elif divergence == "forward_kl":
@@ -148,9 +165,14 @@ def generalized_jsd(
         )
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if temperature <= 0.0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     check_finite(mask, student_logits=student_logits, teacher_logits=teacher_logits)
-    log_student = torch.log_softmax(student_logits.float() / temperature, dim=-1)
-    log_teacher = torch.log_softmax(teacher_logits.detach().float() / temperature, dim=-1)
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    student_logits = _zero_padding(mask, student_logits).to(dtype)
+    teacher_logits = _zero_padding(mask, teacher_logits.detach()).to(dtype)
+    log_student = torch.log_softmax(student_logits / temperature, dim=-1)
+    log_teacher = torch.log_softmax(teacher_logits / temperature, dim=-1)
     return _jsd(log_student, log_teacher, beta).masked_fill(~mask, 0.0)
 
 
@@ -176,7 +198,7 @@ def gated_reduce(
     for g in gates:
         check_same_shape("mask", mask.shape, gate=g)
         gate = gate * g.detach()
-    weighted = (gate * position_loss).masked_fill(~mask, 0.0)
+    weighted = _zero_padding(mask, gate) * _zero_padding(mask, position_loss)
     if reduction == "token_mean":
         numerator = weighted.sum()
         count = mask.sum()
