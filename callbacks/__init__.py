@@ -1,6 +1,7 @@
 """Lightning callbacks of lit_opd (installed as `lit_opd.callbacks`)."""
 
+from lit_opd.callbacks.export import ExportStudent
 from lit_opd.callbacks.pass_at_k import PassAtKEvaluation
 from lit_opd.callbacks.phased_teacher import PhasedTeacherSampling
 
-__all__ = ["PassAtKEvaluation", "PhasedTeacherSampling"]
+__all__ = ["ExportStudent", "PassAtKEvaluation", "PhasedTeacherSampling"]

@@ -169,7 +169,8 @@ class CausalLMScorer(nn.Module):
             position_ids=position_ids_from_mask(attention_mask),
             use_cache=False,
         )
-        return out.last_hidden_state[:, -response_len - 1 : -1]
+        # A copy, not a view: FSDP2 root forwards must not return views of their own outputs.
+        return out.last_hidden_state[:, -response_len - 1 : -1].clone()
 
     def forward(
         self,

@@ -146,3 +146,17 @@ def test_minibatches_must_divide_by_accumulation(tiny_checkpoints, prompts_file)
     data = PromptDataModule(tiny_checkpoints["student"], prompts_file, prompts_per_rollout=2, num_minibatches=3)
     with pytest.raises(ValueError, match="multiple of"):
         make_trainer(1, accumulate_grad_batches=2).fit(module, data)
+
+
+def test_export_student_writes_loadable_hf_checkpoints(tiny_checkpoints, prompts_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from lit_opd.callbacks import ExportStudent
+
+    module = make_module(tiny_checkpoints)
+    data = PromptDataModule(tiny_checkpoints["student"], prompts_file, prompts_per_rollout=2, reuse=1)
+    make_trainer(2, callbacks=[ExportStudent(str(tmp_path), every_n_steps=1)]).fit(module, data)
+    assert (tmp_path / "step_1").is_dir() and (tmp_path / "step_2").is_dir()
+    exported = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
+    for name, value in module.student.state_dict().items():
+        torch.testing.assert_close(exported.state_dict()[name], value, rtol=0, atol=0, msg=name)

@@ -56,6 +56,11 @@ def load_problems(
     if max_problems is not None and max_problems < 1:
         raise ValueError(f"max_problems must be ≥ 1 or None, got {max_problems}")
     location = str(BENCHMARK_DIR / f"{source}.jsonl") if source in BENCHMARKS else source
+    if location == source and "/" not in source and not Path(source).expanduser().exists():
+        raise ValueError(
+            f"benchmark {source!r} is neither a packaged benchmark {sorted(BENCHMARKS)}, a local file, "
+            "nor an HF dataset id (owner/name)"
+        )
     rows = load_records(location, split=split)
     if not rows:
         raise ValueError(f"{location}: no problems")

@@ -38,8 +38,9 @@ class RolloutSchedule(IterableDataset):
     rollout r = k // R, its mini-batch (k % R) % num_minibatches, R = reuse · num_minibatches.
 
     Prompts are drawn without replacement from a permutation seeded by (seed, epoch); rank i of
-    w takes the i-th of w equal slices of each global rollout batch. `start` (set on resume) is
-    the first micro-step to yield.
+    w takes the i-th of w equal slices of each global rollout batch. `start` is the next micro-step
+    to yield: it advances as items are read, and the DataModule sets it from the trainer's progress
+    (on resume, the restored one).
     """
 
     def __init__(self, prompts, answers, prompts_per_rollout, reuse, num_minibatches, shuffle, seed, pad_token_id):
@@ -86,8 +87,22 @@ class RolloutSchedule(IterableDataset):
         rank, world = _world()
         end = (self.start // len(self) + 1) * len(self) if len(self) else 0
         for k in range(self.start, end):
+            # Advanced before the yield: Lightning stops reading after len(self) items and never
+            # exhausts this generator, so the next epoch's iterator must find its start here.
+            self.start = k + 1
             yield self.item(k, rank, world)
-        self.start = end
+
+
+class ScheduleLoader(DataLoader):
+    """The train DataLoader over a RolloutSchedule. It keeps no state of its own: on resume the
+    schedule starts from the trainer's restored batch progress (`PromptDataModule.micro_steps_done`).
+    Its state_dict / load_state_dict tell Lightning that it resumes mid-epoch."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to restore: see the class docstring."""
 
 
 class PromptDataModule(L.LightningDataModule):
@@ -169,7 +184,16 @@ class PromptDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.schedule, batch_size=None, num_workers=0)
+        self.schedule.start = self.micro_steps_done()
+        return ScheduleLoader(self.schedule, batch_size=None, num_workers=0)
+
+    def micro_steps_done(self) -> int:
+        """Training micro-steps the trainer has run, restored from the checkpoint on resume: the
+        schedule continues from there. (Not counted from the DataLoader, which Lightning reads one
+        item ahead; a checkpoint saved in on_train_batch_end counts its own step as processed.)"""
+        if self.trainer is None:
+            return 0
+        return self.trainer.fit_loop.epoch_loop.batch_progress.total.processed
 
     def val_dataloader(self) -> DataLoader:
         """One placeholder item: `validate`/`test` run the PassAtKEvaluation callback, which

@@ -32,18 +32,26 @@ class GKD(GatedLossMixin, L.LightningModule):
         temperature: float = 1.0,
         chunk_size: int = 1024,
         gradient_checkpointing: bool = False,
+        shard_teacher: bool = True,
         max_nonfinite_steps: int = 5,
         seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["gates"])
         self.init_distillation(student, teacher, tokenizer, dtype, rollout, optim, gates, reduction, chunk_size,
-                               gradient_checkpointing, max_nonfinite_steps, seed)
+                               gradient_checkpointing, max_nonfinite_steps, seed, shard_teacher=shard_teacher)
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"model.beta must be in [0, 1], got {beta}")
         self.beta, self.temperature = beta, temperature
 
     def configure_model(self) -> None:
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "GKD reads hidden states and lm_head weights outside a forward, which FSDPStrategy (FSDP1) "
+                "cannot gather: use ModelParallelStrategy (FSDP2, configs/strategies/fsdp2.yaml)"
+            )
         super().configure_model()
         student_rows = self.policy.lm_head_weight.shape[0]
         teacher_rows = self.teacher.lm_head_weight.shape[0]

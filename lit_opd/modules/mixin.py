@@ -10,16 +10,29 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
+from torch.distributed.fsdp import FullyShardedDataParallel
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lit_opd.checkpointing import check_resume_layout, gather_rank_states, resume_layout
 from lit_opd.data.templates import PromptTemplate, eos_token_ids
 from lit_opd.gates import Gate
 from lit_opd.logprobs import CausalLMScorer
 from lit_opd.losses import Reduction, gated_reduce
 from lit_opd.rollout.buffer import RolloutBuffer, split_rows
 from lit_opd.rollout.engine import Generation, HFGenerateEngine, RolloutEngine, SamplingConfig
+from lit_opd.sharding import (
+    fsdp_mesh,
+    gathered,
+    mixed_precision_policy,
+    save_pretrained_full,
+    shard_scorer,
+    wrap_scorer_fsdp1,
+)
 
 DType = Literal["float32", "bfloat16", "float16"]
 
@@ -50,6 +63,10 @@ class OptimConfig:
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+
+
+# Hyperparameters of modules built in Python hold these; checkpoints load with weights_only=True.
+torch.serialization.add_safe_globals([RolloutConfig, OptimConfig])
 
 
 def load_tokenizer(path: str, role: str):
@@ -85,6 +102,12 @@ def load_causal_lm(path: str, dtype: DType, role: str):
         raise ValueError(f"model.{role}: cannot load a causal LM from {path!r}: {error}") from error
 
 
+def drop_teacher_keys(module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: the frozen teacher's parameters are not training state."""
+    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        del state_dict[key]
+
+
 def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
@@ -116,8 +139,10 @@ class GatedLossMixin:
         max_nonfinite_steps: int,
         seed: int,
         verify_timeout: float = 5.0,
+        shard_teacher: bool = True,
     ) -> None:
         self.student_path, self.teacher_path = student, teacher
+        self.shard_teacher = shard_teacher
         self.tokenizer = load_tokenizer(tokenizer or student, "tokenizer")
         check_same_vocabulary(self.tokenizer, load_tokenizer(teacher, "teacher"), student, teacher)
         self.dtype_name, self.rollout, self.optim = dtype, rollout, optim
@@ -127,6 +152,7 @@ class GatedLossMixin:
         self.reduction, self.chunk_size = reduction, chunk_size
         self.gradient_checkpointing = gradient_checkpointing
         self.max_nonfinite_steps, self.nonfinite_in_a_row, self.nonfinite_skipped = max_nonfinite_steps, 0, 0
+        self.discard_gradients = False
         self.seed = seed
         self.verify_timeout, self.verifier = verify_timeout, None
         self.eos_ids = eos_token_ids(self.tokenizer)
@@ -162,6 +188,44 @@ class GatedLossMixin:
         teacher.requires_grad_(False).eval()
         self.policy = CausalLMScorer(student, self.chunk_size)
         self.teacher = CausalLMScorer(teacher, self.chunk_size)
+        if self._trainer is not None and isinstance(self.trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
+            self.shard_models()
+
+    def shard_models(self) -> None:
+        """FSDP2 (ModelParallelStrategy): `fully_shard` each decoder layer, then the scorer as the
+        root (mixed precision from trainer.precision, `sharding.mixed_precision_policy`). FSDP1
+        (FSDPStrategy): the scorer wrapped as its own root, decoder layers as units, with the
+        strategy's settings. For the student and (`shard_teacher`) the teacher; a replicated
+        teacher stays whole on every rank."""
+        strategy = self.trainer.strategy
+        if isinstance(strategy, FSDPStrategy):
+            self.policy = wrap_scorer_fsdp1(self.policy, strategy)
+            if self.shard_teacher:
+                self.teacher = wrap_scorer_fsdp1(self.teacher, strategy)
+            else:
+                self.teacher.to(strategy.root_device)  # FSDPStrategy moves no module itself
+        else:
+            mesh, mp_policy = fsdp_mesh(self.device_mesh), mixed_precision_policy(self.trainer.precision)
+            shard_scorer(self.policy, mesh, mp_policy)
+            if self.shard_teacher:
+                shard_scorer(self.teacher, mesh, mp_policy)
+        # Sharded checkpoints load exactly the keys of the module's state dict, and checkpoints hold
+        # no teacher (it is frozen and reloaded from model.teacher): keep it out of the state dict.
+        self.register_state_dict_post_hook(drop_teacher_keys)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Under FSDP1, clipping by norm is the wrapped student's `clip_grad_norm_` (the norm of
+        all shards), which Lightning's FSDP precision plugin does not do; otherwise Lightning's."""
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(
+                self.policy, FullyShardedDataParallel):
+            self.policy.clip_grad_norm_(gradient_clip_val)
+        else:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    def save_student_pretrained(self, path: str) -> None:
+        """Write the student and tokenizer as a plain HF checkpoint, sharded or not (every rank
+        calls this; rank 0 writes)."""
+        save_pretrained_full(self.policy, self.tokenizer, path, self.trainer.is_global_zero if self._trainer else True)
 
     def make_engine(self) -> RolloutEngine:
         if self.rollout.engine == "fast":
@@ -199,7 +263,7 @@ class GatedLossMixin:
         was_training = self.student.training
         self.student.eval()
         try:
-            with torch.no_grad():
+            with torch.no_grad(), gathered(self.policy):
                 return self.engine.generate(
                     self.student, prompt_ids, prompt_mask, sampling, self.eos_ids, self.tokenizer.pad_token_id, generator
                 )
@@ -208,7 +272,7 @@ class GatedLossMixin:
 
     def generate_teacher_responses(self, prompt_ids: Tensor, prompt_mask: Tensor) -> Generation:
         """Teacher rollouts with the student's sampling settings (phased teacher sampling)."""
-        with torch.no_grad():
+        with torch.no_grad(), gathered(self.teacher):
             return self.engine.generate(self.teacher.model, prompt_ids, prompt_mask, self.rollout.sampling(),
                                         self.eos_ids, self.tokenizer.pad_token_id, self.generator)
 
@@ -243,9 +307,10 @@ class GatedLossMixin:
         """bool [N]: does each decoded response's final answer equal its reference (time-bounded
         math-verify in a process pool; a hung or crashed check counts as wrong)."""
         if self.verifier is None:
-            from lit_opd.verify import Verifier
+            from lit_opd.verify import Verifier, available_cpus
 
-            self.verifier = Verifier(timeout=self.verify_timeout)
+            workers = max(1, available_cpus() // max(self.trainer.num_devices, 1))
+            self.verifier = Verifier(num_workers=workers, timeout=self.verify_timeout)
         texts = self.tokenizer.batch_decode(response_ids.masked_fill(~response_mask, self.tokenizer.pad_token_id),
                                             skip_special_tokens=True)
         return torch.tensor(self.verifier.verify_batch(texts, answers), dtype=torch.bool, device=response_ids.device)
@@ -326,46 +391,86 @@ class GatedLossMixin:
     def per_token_loss(self, mb: dict[str, Tensor], scores: dict[str, Tensor]) -> Tensor:
         raise NotImplementedError
 
-    def all_finite(self, mb: dict[str, Tensor], scores: dict[str, Tensor]) -> bool:
-        """Whether every log-prob at a response position is finite, agreed by all ranks."""
+    @staticmethod
+    def response_logprobs(mb: dict[str, Tensor], scores: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The log-probs (and GKD's teacher hidden states) a step uses, at response positions,
+        under the names a warning gives them."""
         mask = mb["response_mask"]
-        checks = [scores["logp"][mask], mb["teacher_logp"][mask], mb["old_logp"][mask]]
-        checks += [scores[k][mask] for k in ("support_logp",) if k in scores]
-        bad = torch.stack([~torch.isfinite(c.detach()).all() for c in checks]).any().double().view(1)
-        return not bool(self.all_reduce_sum(bad).item())
+        named = {
+            "student log-probs": scores["logp"],
+            "student support log-probs": scores.get("support_logp"),
+            "behavior log-probs": mb["old_logp"],
+            "teacher log-probs": mb["teacher_logp"],
+            "teacher top-K log-probs": mb.get("teacher_topk_logp"),
+            "teacher hidden states": scores.get("teacher_hidden"),
+        }
+        return {name: value[mask] for name, value in named.items() if value is not None}
+
+    def nonfinite(self, named: dict[str, Tensor]) -> list[str]:
+        """The names whose tensor holds a NaN or ±inf on some rank (a collective: every rank calls
+        it with the same names)."""
+        flags = torch.stack([(~torch.isfinite(t.detach())).any().cpu() for t in named.values()]).double()
+        return [name for name, flag in zip(named, self.all_reduce_sum(flags).tolist()) if flag]
 
     def skip_nonfinite(self, reason: str) -> None:
+        """Count a skipped step (its gradients are discarded in `on_before_optimizer_step`), warn,
+        and stop the run after model.max_nonfinite_steps skips with no optimiser step between."""
         self.nonfinite_in_a_row += 1
         self.nonfinite_skipped += 1
+        self.discard_gradients = True
         rank_zero_warn(f"step {self.global_step}: {reason}; skipping this step "
                        f"({self.nonfinite_in_a_row} in a row, limit {self.max_nonfinite_steps})")
-        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
         if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
             raise RuntimeError(
-                f"{self.nonfinite_in_a_row} steps in a row with non-finite log-probs or loss "
+                f"{self.nonfinite_in_a_row} steps in a row skipped for non-finite values, the last: {reason} "
                 f"(model.max_nonfinite_steps={self.max_nonfinite_steps}): stopping the run"
             )
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Discard the gradients of a step that skipped a micro-batch or whose gradients are not
+        finite (all ranks agree), so that neither the weights nor the optimiser's moments move. A
+        skipped step still counts as a step (global step, LR schedule, data position). Under fp16's
+        GradScaler the scaler skips steps with non-finite gradients itself."""
+        if not self.discard_gradients and getattr(self.trainer.precision_plugin, "scaler", None) is None:
+            grads = [p.grad for p in self.policy.parameters() if p.grad is not None]
+            norms = [torch.linalg.vector_norm(g.to_local() if isinstance(g, DTensor) else g, dtype=torch.float32)
+                     for g in grads]
+            if self.nonfinite({"gradients": torch.stack(norms) if norms else torch.zeros(0)}):
+                self.skip_nonfinite(f"non-finite gradients at optimiser step {self.global_step}")
+        if self.discard_gradients:
+            optimizer.zero_grad(set_to_none=True)
+            self.discard_gradients = False
+        else:
+            self.nonfinite_in_a_row = 0
 
     def training_step(self, batch: dict, batch_idx: int):
         self._step_started = time.perf_counter()
         if self.buffer is None or self.buffer.rollout_index != batch["rollout_index"]:
+            if batch["minibatch_index"] or batch["reuse_index"]:
+                held = None if self.buffer is None else self.buffer.rollout_index
+                raise RuntimeError(
+                    f"the data opens rollout batch {batch['rollout_index']} at mini-batch {batch['minibatch_index']}, "
+                    f"reuse {batch['reuse_index']}, but the rollout buffer holds rollout batch {held}: the data "
+                    f"position and the buffer of a resumed run disagree"
+                )
             self.fill_buffer(batch)
             self.log_dict(self.buffer.stats)
         mb = {k: v.to(self.device) for k, v in self.buffer.minibatches[batch["minibatch_index"]].items()}
         scores = self.student_scores(mb)
-        if not self.all_finite(mb, scores):
-            self.skip_nonfinite("non-finite log-probs (student, behavior or teacher)")
-            return None
+        where = f"rollout batch {batch['rollout_index']}, mini-batch {batch['minibatch_index']}"
+        if bad := self.nonfinite(self.response_logprobs(mb, scores)):
+            self.skip_nonfinite(f"non-finite {' and '.join(bad)} ({where})")
+            # Every rank runs the same backward (DDP/FSDP collectives); its gradients are discarded.
+            return scores["logp"].sum() * 0.0
         mask = mb["response_mask"]
         gates = [gate(mb, scores["logp"]) for gate in self.gates]
         position_loss = self.per_token_loss(mb, scores)
         loss = gated_reduce(
             position_loss, gates, mask, self.reduction, self.buffer.normalizers[batch["minibatch_index"]]
         )
-        if not bool(self.all_reduce_sum(torch.isfinite(loss).logical_not().double().view(1)).item() == 0):
-            self.skip_nonfinite("non-finite loss")
-            return None
-        self.nonfinite_in_a_row = 0
+        if self.nonfinite({"loss": loss}):
+            self.skip_nonfinite(f"non-finite loss ({where})")
+            return scores["logp"].sum() * 0.0
         self.log_training(mb, scores, gates, position_loss, batch["reuse_index"])
         return loss
 
@@ -395,6 +500,7 @@ class GatedLossMixin:
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("perf/student_s", time.perf_counter() - self._step_started)
+        self.log("train/nonfinite_skipped", float(self.nonfinite_skipped))
 
     # ------------------------------------------------------------------- validate / test
     def validation_step(self, batch, batch_idx) -> None:
@@ -406,26 +512,30 @@ class GatedLossMixin:
     # -------------------------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-        checkpoint["lit_opd"] = {
+        rank_state = {
             "buffer": self.buffer.state_dict() if self.buffer is not None else None,
             "generator": self.generator.get_state() if self.generator is not None else None,
+        }
+        checkpoint["lit_opd"] = {
+            "layout": resume_layout(self, self.trainer.datamodule, self.trainer),
+            "ranks": gather_rank_states(rank_state),
             "nonfinite_skipped": self.nonfinite_skipped,
-            "teacher": self.teacher_path,
+            "nonfinite_in_a_row": self.nonfinite_in_a_row,
         }
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Resuming a fit: refuse a checkpoint whose rollout buffer and data position this run's
+        settings would misread, then restore this rank's buffer and sampling generator."""
         state = checkpoint.get("lit_opd")
-        if state is None:
+        if state is None or self._trainer is None or self.trainer.state.fn != TrainerFn.FITTING:
             return
-        if state["teacher"] != self.teacher_path:
-            raise ValueError(
-                f"checkpoint was trained against teacher {state['teacher']!r}, this run names "
-                f"{self.teacher_path!r}: its rollout buffer holds the old teacher's scores; refusing to resume"
-            )
-        if state["buffer"] is not None:
-            self.buffer = RolloutBuffer.from_state_dict(state["buffer"], torch.device("cpu"))
-        if state["generator"] is not None:
+        current = resume_layout(self, self.trainer.datamodule, self.trainer)
+        check_resume_layout(state["layout"], current, str(self.trainer.ckpt_path))
+        mine = state["ranks"][self.global_rank]
+        if mine["buffer"] is not None:
+            self.buffer = RolloutBuffer.from_state_dict(mine["buffer"], torch.device("cpu"))
+        if mine["generator"] is not None:
             self.generator = torch.Generator(device="cpu")
-            self.generator.set_state(state["generator"])
-        self.nonfinite_skipped = state["nonfinite_skipped"]
+            self.generator.set_state(mine["generator"])
+        self.nonfinite_skipped, self.nonfinite_in_a_row = state["nonfinite_skipped"], state["nonfinite_in_a_row"]
         rank_zero_info("restored the rollout buffer and sampling generator from the checkpoint")

@@ -18,6 +18,8 @@ class SampledTokenOPD(GatedLossMixin, L.LightningModule):
         reduction: token_mean (Σ g m ℓ / Σ m over the global batch) or sequence_mean.
         clip_eps_low / clip_eps_high: the PPO clip range of the importance ratio (None: no clip).
         chunk_size: positions per lm_head chunk (log-probs never hold [B, T, V] fp32 logits).
+        shard_teacher: under a sharding strategy (FSDP2 or FSDP1), shard the frozen teacher like
+            the student (True) or keep a whole copy on every rank (False).
         max_nonfinite_steps: stop after this many steps in a row skipped for non-finite values.
     """
 
@@ -35,13 +37,14 @@ class SampledTokenOPD(GatedLossMixin, L.LightningModule):
         clip_eps_high: float | None = None,
         chunk_size: int = 1024,
         gradient_checkpointing: bool = False,
+        shard_teacher: bool = True,
         max_nonfinite_steps: int = 5,
         seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["gates"])
         self.init_distillation(student, teacher, tokenizer, dtype, rollout, optim, gates, reduction, chunk_size,
-                               gradient_checkpointing, max_nonfinite_steps, seed)
+                               gradient_checkpointing, max_nonfinite_steps, seed, shard_teacher=shard_teacher)
         if (clip_eps_low is None) != (clip_eps_high is None):
             raise ValueError("set both clip_eps_low and clip_eps_high, or neither")
         self.clip_eps = None if clip_eps_low is None else (clip_eps_low, clip_eps_high)

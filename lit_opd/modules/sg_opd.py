@@ -37,6 +37,7 @@ class SGOPD(GatedLossMixin, L.LightningModule):
         verify_timeout: float = 5.0,
         chunk_size: int = 1024,
         gradient_checkpointing: bool = False,
+        shard_teacher: bool = True,
         max_nonfinite_steps: int = 5,
         seed: int = 0,
     ):
@@ -44,7 +45,8 @@ class SGOPD(GatedLossMixin, L.LightningModule):
         self.save_hyperparameters(ignore=["gates"])
         self.sign_gate = SignConsistencyGate(alpha, beta)
         self.init_distillation(student, teacher, tokenizer, dtype, rollout, optim, [self.sign_gate, *(gates or [])],
-                               reduction, chunk_size, gradient_checkpointing, max_nonfinite_steps, seed, verify_timeout)
+                               reduction, chunk_size, gradient_checkpointing, max_nonfinite_steps, seed, verify_timeout,
+                               shard_teacher=shard_teacher)
         if (clip_eps_low is None) != (clip_eps_high is None):
             raise ValueError("set both clip_eps_low and clip_eps_high, or neither")
         self.clip_eps = None if clip_eps_low is None else (clip_eps_low, clip_eps_high)

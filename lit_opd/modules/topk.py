@@ -35,13 +35,14 @@ class TeacherTopKLSM(GatedLossMixin, L.LightningModule):
         beta: float = 0.5,
         chunk_size: int = 1024,
         gradient_checkpointing: bool = False,
+        shard_teacher: bool = True,
         max_nonfinite_steps: int = 5,
         seed: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(ignore=["gates"])
         self.init_distillation(student, teacher, tokenizer, dtype, rollout, optim, gates, reduction, chunk_size,
-                               gradient_checkpointing, max_nonfinite_steps, seed)
+                               gradient_checkpointing, max_nonfinite_steps, seed, shard_teacher=shard_teacher)
         if top_k < 1:
             raise ValueError(f"model.top_k must be ≥ 1, got {top_k}")
         self.teacher_top_k, self.divergence, self.tail, self.beta = top_k, divergence, tail, beta

@@ -1,0 +1,147 @@
+"""Sharding the OPD modules: FSDP2 (`fully_shard`, under Lightning's `ModelParallelStrategy`) or
+FSDP1 (under `FSDPStrategy`) of a scorer, gathering it for rollouts, exporting the student as a
+plain HF checkpoint.
+
+Layout of a sharded `CausalLMScorer`: each decoder layer is one FSDP unit (gathered for its own
+forward and backward), the scorer is the root unit (embeddings, final norm, lm_head), so every
+forward through the scorer gathers the root around the whole log-prob computation.
+
+Rollouts gather the whole model once (`gathered`) instead of layer by layer per token: the fast
+engine reads the gathered weights and runs no collective, so each rank stops generating when its
+own rows are done (HF `generate`, the fallback, keeps the ranks in step itself: transformers
+turns on `synced_gpus` for FSDP-managed models). The price is one full copy of the model per
+rank while generating.
+"""
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import (
+    FSDPModule,
+    FullyShardedDataParallel,
+    MixedPrecisionPolicy,
+    fully_shard,
+    register_fsdp_forward_method,
+)
+from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+
+MIXED_PRECISION_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
+
+
+def fsdp_mesh(device_mesh: DeviceMesh) -> DeviceMesh:
+    """The mesh to shard parameters over. lit_opd has no tensor parallelism: every rank is a
+    data-parallel rank. A 1-D mesh is used as it is. Of Lightning's 2-D (data_parallel,
+    tensor_parallel) mesh a dimension of size 1 is dropped, so both the default layout of one
+    node, (1, devices), and (ranks, 1) shard over all ranks; with both sizes > 1 (the default
+    on several nodes: (nodes, devices)) parameters are sharded within `tensor_parallel` and
+    replicated across `data_parallel` (HSDP)."""
+    if device_mesh.ndim == 1:
+        return device_mesh
+    if device_mesh.ndim != 2:
+        raise ValueError(f"expected a 1-D or 2-D device mesh, got {device_mesh.ndim} dimensions")
+    names = device_mesh.mesh_dim_names or ("data_parallel", "tensor_parallel")
+    replicate, shard = device_mesh.shape
+    if replicate == 1:
+        return device_mesh[names[1]]
+    if shard == 1:
+        return device_mesh[names[0]]
+    return device_mesh
+
+
+def mixed_precision_policy(precision: str) -> MixedPrecisionPolicy:
+    """FSDP2 mixed precision for Lightning's `trainer.precision`: "bf16-mixed" / "16-mixed"
+    gather the parameters in bfloat16 / float16 for compute and reduce gradients in float32;
+    every other setting computes and reduces in the parameters' own dtype."""
+    dtype = MIXED_PRECISION_DTYPES.get(str(precision))
+    if dtype is None:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a HF causal LM (`model.model.layers` for Llama / Qwen)."""
+    layers = getattr(model.base_model, "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"{type(model).__name__}: no decoder layers at base_model.layers to shard")
+    return layers
+
+
+def shard_scorer(scorer: nn.Module, mesh: DeviceMesh, mp_policy: MixedPrecisionPolicy) -> None:
+    """`fully_shard` each decoder layer of `scorer.model`, then `scorer` as the root unit.
+
+    `response_hidden` is registered as a forward of the root as well, so that a caller that
+    needs the hidden states and the lm_head weight apart (GKD) also finds the root gathered."""
+    for layer in decoder_layers(scorer.model):
+        fully_shard(layer, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(scorer, mesh=mesh, mp_policy=mp_policy)
+    register_fsdp_forward_method(scorer, "response_hidden")
+
+
+def wrap_scorer_fsdp1(scorer: nn.Module, strategy) -> FullyShardedDataParallel:
+    """FSDP1 (Lightning's `FSDPStrategy`): `scorer` wrapped as its own root, each decoder layer a
+    unit (the strategy's auto_wrap_policy if it names one, else the decoder-layer class), with the
+    strategy's sharding strategy, mixed precision, CPU offload and FSDP arguments. Lightning then
+    leaves the LightningModule itself unwrapped, so the scorer is the root unit, as under FSDP2."""
+    kwargs = dict(strategy.kwargs)
+    kwargs.setdefault("auto_wrap_policy", ModuleWrapPolicy({type(decoder_layers(scorer.model)[0])}))
+    return FullyShardedDataParallel(
+        scorer,
+        sharding_strategy=strategy.sharding_strategy,
+        mixed_precision=strategy.mixed_precision_config,
+        cpu_offload=strategy.cpu_offload,
+        device_id=strategy.root_device,
+        **kwargs,
+    )
+
+
+def is_sharded(module: nn.Module) -> bool:
+    return isinstance(module, (FSDPModule, FullyShardedDataParallel))
+
+
+@contextmanager
+def gathered(root: nn.Module):
+    """Every FSDP unit under `root` all-gathered for the body (plain tensors: the full model on
+    every rank) and resharded after; a no-op for a module that is not sharded.
+
+    Inside, the decoder layers keep their parameters gathered after a forward, so forwards
+    all-gather nothing. Every rank must enter together: the all-gathers are collectives, made
+    in the same order on every rank.
+    """
+    if not is_sharded(root):
+        yield
+        return
+    if isinstance(root, FullyShardedDataParallel):
+        with FullyShardedDataParallel.summon_full_params(root, writeback=False):
+            yield
+        return
+    # FSDP2 makes the first unit to run forward the root; HF generate runs the layers' forwards
+    # outside the scorer's, so the scorer is made the root first (a no-op after its first forward).
+    root._get_fsdp_state()._lazy_init()
+    layers = [m for m in root.modules() if isinstance(m, FSDPModule) and m is not root]
+    for layer in layers:
+        layer.set_reshard_after_forward(False, recurse=False)
+    for unit in (root, *layers):
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.reshard()
+            layer.set_reshard_after_forward(True, recurse=False)
+        root.reshard()
+
+
+def save_pretrained_full(scorer: nn.Module, tokenizer, path: str, is_global_zero: bool) -> None:
+    """Write the HF model `scorer.model` (sharded by FSDP2 or FSDP1, or not) and `tokenizer` to
+    `path` as a plain HF checkpoint (`from_pretrained` loads it). The full state dict is gathered
+    to CPU on rank 0 (a collective under sharding: every rank calls this); rank 0 writes."""
+    # Offloading to CPU is for accelerators only (FSDP1 crashes when asked to on CPU processes).
+    on_accelerator = next(scorer.parameters()).device.type != "cpu"
+    state_dict = get_model_state_dict(scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=on_accelerator))
+    if is_global_zero:
+        weights = {name.removeprefix("model."): value for name, value in state_dict.items()}
+        scorer.model.save_pretrained(path, state_dict=weights)
+        tokenizer.save_pretrained(path)

@@ -1,0 +1,305 @@
+"""Sharding changes nothing but speed and memory: FSDP2 through Lightning's ModelParallelStrategy
+(and FSDP1 through FSDPStrategy) on two CPU processes on gloo (`--trainer.devices 2`, Lightning
+launches the second process), against one process on the same global batch (2 ranks × 2 prompts
+= 1 × 4 prompts; greedy rollouts, so both sample the same responses).
+
+Compared: the global loss of each step (the second step is a reuse step, where the Block64 drift
+gate is active and normalised by its mean over the global batch), the full gradients, and the
+weights after one AdamW step. Tolerances (float32 sums in another order): loss 1e-5 relative,
+gradients 2e-5 relative (per tensor, in norm), weight updates 1e-4 relative (per tensor, in norm);
+measured: ≤ 1e-6, ≤ 3e-6, ≤ 4e-6. Also: a sharded checkpoint resumes to the same losses as an
+uninterrupted run, a sharded run exports a plain HF checkpoint, and rollouts under
+`sharding.gathered` run no collective.
+"""
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sysconfig
+from datetime import timedelta
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_opd.cli import main
+from lit_opd.logprobs import CausalLMScorer
+from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig
+from lit_opd.rollout.fast import StaticCacheEngine
+from lit_opd.sharding import gathered, shard_scorer
+
+ROOT = Path(__file__).resolve().parents[1]
+OVERRIDES = str(ROOT / "tests" / "data" / "tiny_overrides.yaml")
+FSDP2_CPU = str(ROOT / "configs" / "strategies" / "fsdp2_cpu.yaml")
+BLOCK_GATE = '[{"class_path": "lit_opd.gates.DriftGate", "init_args": {"unit": "block", "block_size": 4}}]'
+
+pytestmark = pytest.mark.slow
+
+
+class Probe(L.Callback):
+    """Writes to `out` (rank 0) what the tests compare: losses.json (per step: the mean of the
+    ranks' losses, which is the global loss since each rank divides by the global token count,
+    and rank 0's gate spread), grads_<step>.pt (full gradients before the optimiser step) and
+    weights_<step>.pt (full student weights after it) for the steps in `steps`; at the end of
+    fit, with `export`, the student as a plain HF checkpoint in out/export."""
+
+    def __init__(self, out: str, steps: list[int], export: bool = False):
+        self.out, self.steps, self.export, self.rows = Path(out), steps, export, []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        if trainer.global_step + 1 in self.steps:
+            fsdp1 = isinstance(pl_module.policy, FullyShardedDataParallel)
+            with FullyShardedDataParallel.summon_full_params(pl_module.policy, writeback=False, with_grads=True) \
+                    if fsdp1 else contextlib.nullcontext():
+                grads = {name.replace("_fsdp_wrapped_module.", ""): full(p.grad)
+                         for name, p in pl_module.student.named_parameters()}
+            if trainer.is_global_zero:
+                torch.save(grads, self.out / f"grads_{trainer.global_step + 1}.pt")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = trainer.strategy.reduce(outputs["loss"].detach(), reduce_op="mean")
+        metrics = trainer.callback_metrics
+        spread = (metrics["train/gate_max"] - metrics["train/gate_min"]).item()
+        self.rows.append({"step": trainer.global_step, "loss": loss.item(), "gate_spread": spread})
+        if trainer.global_step in self.steps:
+            weights = get_model_state_dict(pl_module.policy, options=StateDictOptions(full_state_dict=True))
+            if trainer.is_global_zero:
+                weights = {name.removeprefix("model."): value for name, value in weights.items()}
+                torch.save(weights, self.out / f"weights_{trainer.global_step}.pt")
+        if trainer.is_global_zero:
+            (self.out / "losses.json").write_text(json.dumps(self.rows))
+
+    def on_train_end(self, trainer, pl_module):
+        if self.export:
+            pl_module.save_student_pretrained(str(self.out / "export"))
+
+
+class CPUFSDPStrategy(FSDPStrategy):
+    """Lightning's FSDPStrategy (FSDP1), unchanged: Lightning refuses the FSDPStrategy class itself
+    on CPU, so the test names this subclass to run the same FSDP1 code on gloo."""
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    return (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach().clone()
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    """Prompts of one length, so that left padding is the same in every batch layout."""
+    path = tmp_path_factory.mktemp("data") / "train.jsonl"
+    with path.open("w") as handle:
+        for i in range(10, 34):
+            handle.write(json.dumps({"id": i, "problem": f"{i}+{i + 1}=?", "answer": str(2 * i + 1)}) + "\n")
+    return str(path)
+
+
+def fit_args(config, checkpoints, prompts_file, out, steps, prompts_per_rollout, max_steps, *extra, export=False,
+             checkpoint_every_step=False):
+    callbacks = [{"class_path": "test_fsdp.Probe", "init_args": {"out": str(out), "steps": steps, "export": export}}]
+    if checkpoint_every_step:
+        callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                          "init_args": {"dirpath": str(out / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1}})
+        extra = ("--trainer.enable_checkpointing=true", *extra)
+    return [
+        "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), "--config", OVERRIDES,
+        f"--model.init_args.student={checkpoints['student']}",
+        f"--model.init_args.teacher={checkpoints['teacher']}",
+        "--model.init_args.dtype=float32",
+        "--model.init_args.rollout.num_samples=2",
+        "--model.init_args.rollout.max_new_tokens=8",
+        "--model.init_args.rollout.score_batch_size=4",
+        "--model.init_args.rollout.temperature=0",
+        "--model.init_args.optim.lr=0.01",
+        "--model.init_args.optim.warmup_steps=0",
+        f"--data.tokenizer={checkpoints['student']}",
+        f"--data.train_data={prompts_file}",
+        f"--data.prompts_per_rollout={prompts_per_rollout}",
+        "--data.num_minibatches=1",
+        "--data.reuse=2",
+        f"--trainer.max_steps={max_steps}",
+        f"--trainer.default_root_dir={out}",
+        f"--trainer.callbacks={json.dumps(callbacks)}",
+        *extra,
+    ]
+
+
+def lit_opd_script() -> str:
+    """The `lit-opd` console script of this interpreter's environment."""
+    script = Path(sysconfig.get_path("scripts")) / "lit-opd"
+    found = str(script) if script.is_file() else shutil.which("lit-opd")
+    assert found, "the lit-opd console script is not installed (pip install -e .)"
+    return found
+
+
+def fit_two_processes(args, out: Path, strategy: str) -> None:
+    """`lit-opd fit` on 2 CPU processes; Lightning starts the second one (it reruns this command
+    line, so the CLI runs as a script)."""
+    command = [lit_opd_script(), *args, "--trainer.accelerator=cpu",
+               "--trainer.devices=2", f"--trainer.strategy={strategy}"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def run(tmp_path_factory, name, config, checkpoints, prompts_file, devices, steps, max_steps, *extra, export=False,
+        checkpoint_every_step=False, strategy=FSDP2_CPU):
+    out = tmp_path_factory.mktemp(name)
+    prompts = 4 // devices
+    args = fit_args(config, checkpoints, prompts_file, out, steps, prompts, max_steps, *extra, export=export,
+                    checkpoint_every_step=checkpoint_every_step)
+    if devices == 1:
+        main(args)
+    else:
+        fit_two_processes(args, out, strategy)
+    return out
+
+
+OPD = ("opd_block64", f"--model.init_args.gates={BLOCK_GATE}")
+
+
+@pytest.fixture(scope="module")
+def opd_one_process(tmp_path_factory, tiny_checkpoints, prompts_file):
+    config, gates = OPD
+    return run(tmp_path_factory, "opd_1", config, tiny_checkpoints, prompts_file, 1, [1, 2], 2, gates)
+
+
+@pytest.fixture(scope="module")
+def opd_sharded(tmp_path_factory, tiny_checkpoints, prompts_file):
+    """Three steps, a sharded checkpoint after each, the student exported at the end."""
+    config, gates = OPD
+    return run(tmp_path_factory, "opd_2", config, tiny_checkpoints, prompts_file, 2, [1, 2, 3], 3, gates,
+               export=True, checkpoint_every_step=True)
+
+
+def losses(out: Path) -> list[float]:
+    return [row["loss"] for row in json.loads((out / "losses.json").read_text())]
+
+
+def assert_same_tensors(actual: dict, expected: dict, rtol: float, reference: dict | None = None) -> None:
+    """Per tensor: ‖actual − expected‖ ≤ rtol · ‖expected − reference‖ (reference 0 if None)."""
+    assert actual.keys() == expected.keys()
+    for name in expected:
+        scale = expected[name] - (reference[name] if reference is not None else 0)
+        error = (actual[name] - expected[name]).norm().item()
+        assert error <= rtol * scale.norm().item(), f"{name}: ‖Δ‖ = {error:.3g}, ‖ref‖ = {scale.norm().item():.3g}"
+
+
+def initial_weights(checkpoints) -> dict:
+    return AutoModelForCausalLM.from_pretrained(checkpoints["student"]).state_dict()
+
+
+def test_opd_block64_sharded_equals_one_process(opd_one_process, opd_sharded, tiny_checkpoints):
+    single, sharded = losses(opd_one_process), losses(opd_sharded)[:2]
+    torch.testing.assert_close(sharded, single, rtol=1e-5, atol=0)
+    rows = json.loads((opd_one_process / "losses.json").read_text())
+    assert rows[1]["gate_spread"] > 0.05  # the reuse step is gated (drift > 0), so the global mean matters
+    for step in (1, 2):
+        grads = torch.load(opd_sharded / f"grads_{step}.pt"), torch.load(opd_one_process / f"grads_{step}.pt")
+        assert_same_tensors(*grads, rtol=2e-5)
+    weights = torch.load(opd_sharded / "weights_1.pt"), torch.load(opd_one_process / "weights_1.pt")
+    assert_same_tensors(*weights, rtol=1e-4, reference=initial_weights(tiny_checkpoints))
+
+
+def test_fsdp1_equals_one_process(opd_one_process, tmp_path_factory, tiny_checkpoints, prompts_file):
+    """Lightning's FSDPStrategy: the scorer wrapped as the FSDP1 root, decoder layers as units."""
+    config, gates = OPD
+    strategy = json.dumps({"class_path": "test_fsdp.CPUFSDPStrategy",
+                           "init_args": {"process_group_backend": "gloo", "state_dict_type": "sharded"}})
+    sharded = run(tmp_path_factory, "opd_fsdp1", config, tiny_checkpoints, prompts_file, 2, [1], 2, gates,
+                  strategy=strategy)
+    torch.testing.assert_close(losses(sharded), losses(opd_one_process), rtol=1e-5, atol=0)
+    assert_same_tensors(torch.load(sharded / "grads_1.pt"), torch.load(opd_one_process / "grads_1.pt"), rtol=2e-5)
+    assert_same_tensors(torch.load(sharded / "weights_1.pt"), torch.load(opd_one_process / "weights_1.pt"),
+                        rtol=1e-4, reference=initial_weights(tiny_checkpoints))
+
+
+def test_topk_lsm_sharded_equals_one_process(tmp_path_factory, tiny_checkpoints, prompts_file):
+    single = run(tmp_path_factory, "topk_1", "topk_lsm", tiny_checkpoints, prompts_file, 1, [1], 2)
+    sharded = run(tmp_path_factory, "topk_2", "topk_lsm", tiny_checkpoints, prompts_file, 2, [1], 2)
+    torch.testing.assert_close(losses(sharded), losses(single), rtol=1e-5, atol=0)
+    assert_same_tensors(torch.load(sharded / "grads_1.pt"), torch.load(single / "grads_1.pt"), rtol=2e-5)
+    assert_same_tensors(torch.load(sharded / "weights_1.pt"), torch.load(single / "weights_1.pt"), rtol=1e-4,
+                        reference=initial_weights(tiny_checkpoints))
+
+
+def test_sharded_checkpoint_resumes_to_the_same_losses(opd_sharded, tmp_path_factory, tiny_checkpoints, prompts_file):
+    """Resume after step 1, in the middle of a rollout batch's reuse (each rank's rollout buffer,
+    sampling generator, data position and optimiser shard come back), through the next rollout."""
+    config, gates = OPD
+    checkpoints = sorted((opd_sharded / "ckpt").iterdir())
+    assert [c.name for c in checkpoints] == ["epoch=0-step=1.ckpt", "epoch=0-step=2.ckpt", "epoch=0-step=3.ckpt"]
+    assert (checkpoints[0] / ".metadata").is_file()  # a sharded (distributed) checkpoint directory
+    resumed = run(tmp_path_factory, "opd_resumed", config, tiny_checkpoints, prompts_file, 2, [], 3, gates,
+                  f"--ckpt_path={checkpoints[0]}")
+    torch.testing.assert_close(losses(resumed), losses(opd_sharded)[1:], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("strategy", sorted((ROOT / "configs" / "strategies").glob("*.yaml")), ids=lambda p: p.stem)
+def test_strategy_configs_print(strategy, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(ROOT / "configs" / "opd_block64.yaml"), "--trainer.strategy", str(strategy),
+              "--trainer.devices", "2", "--print_config"])
+    assert exit_info.value.code == 0
+    assert "class_path: lightning.pytorch.strategies." in capsys.readouterr().out
+
+
+def test_sharded_run_exports_a_plain_hf_checkpoint(opd_sharded):
+    exported = AutoModelForCausalLM.from_pretrained(opd_sharded / "export")
+    final = torch.load(opd_sharded / "weights_3.pt")
+    assert exported.state_dict().keys() == final.keys()
+    for name, value in exported.state_dict().items():
+        torch.testing.assert_close(value, final[name], rtol=0, atol=0, msg=name)
+    AutoTokenizer.from_pretrained(opd_sharded / "export")
+
+
+def gathered_worker(rank: int, world: int, port: int, checkpoint: str) -> None:
+    """One of two gloo ranks: inside `gathered` the student is whole and plain on every rank; the
+    fast engine runs no collective (rank 1 generates twice, rank 0 once); HF generate runs once
+    per rank (transformers keeps FSDP-managed ranks in step itself: synced_gpus). After it the
+    scorer is sharded again and a forward (all-gathers on both ranks) still lines up."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        tokenizer = AutoTokenizer.from_pretrained(checkpoint, padding_side="left")
+        whole = {name: value.clone() for name, value in model.state_dict().items()}
+        scorer = CausalLMScorer(model)
+        shard_scorer(scorer, init_device_mesh("cpu", (world,)), MixedPrecisionPolicy())
+        batch = tokenizer(["12+13=?", "7+8=?"], return_tensors="pt", padding=True)
+        ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+        sampling = SamplingConfig(max_new_tokens=6, temperature=0)
+        generator = torch.Generator().manual_seed(rank)
+        with torch.no_grad(), gathered(scorer):
+            for name, value in model.named_parameters():
+                assert not isinstance(value, DTensor), name
+                torch.testing.assert_close(value, whole[name], rtol=0, atol=0, msg=name)
+            for engine in [HFGenerateEngine()] + [StaticCacheEngine()] * (1 + rank):
+                engine.generate(model, ids, mask, sampling, [tokenizer.eos_token_id], tokenizer.pad_token_id, generator)
+        assert all(isinstance(p, DTensor) for p in scorer.parameters())
+        with torch.no_grad():
+            logp = scorer(ids, mask, 2)["logp"]
+        assert logp.shape == (2, 2) and torch.isfinite(logp).all()
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_gathered_generation_runs_no_collective(tiny_checkpoints):
+    mp.spawn(gathered_worker, args=(2, free_port(), tiny_checkpoints["student"]), nprocs=2, join=True)
