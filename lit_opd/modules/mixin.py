@@ -361,6 +361,9 @@ class GatedLossMixin:
         )
         if "correct" in rows:
             self.buffer.stats["train/verifier_accuracy"] = rows["correct"].float().mean().item()
+        if self.verifier is not None:
+            self.buffer.stats["train/verifier_timeouts"] = float(self.verifier.stats.timeouts)
+            self.buffer.stats["train/verifier_crashes"] = float(self.verifier.stats.crashes)
 
     def normalizers(self, minibatches: list[dict[str, Tensor]]) -> list[float]:
         """Per mini-batch: the global count (tokens or sequences) of its optimiser step divided by

@@ -1,0 +1,143 @@
+"""A synthetic verifiable math task: multi-step integer arithmetic, for the offline quickstart.
+
+A problem is a chain of operations evaluated left to right, written with the fewest
+parentheses that keep that order: "Compute (17 + 5) * 3 - 8.". Its worked solution does one
+operation per step, steps separated by a blank line (the span delimiter), and ends with the
+answer boxed:
+
+    17 + 5 = 22
+
+    22 * 3 = 66
+
+    66 - 8 = 58
+
+    \\boxed{58}
+
+Rows are {"id", "problem", "answer", "solution"}: the packaged benchmarks' fields plus the
+solution, so the same loaders read both.
+"""
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable
+
+Operator = str  # one of "+", "-", "*"
+
+
+@dataclass(frozen=True)
+class ArithmeticTask:
+    """The difficulty knobs. A problem has `min_operands`..`max_operands` numbers; a number added
+    or subtracted is in [1, max_operand], a factor in [2, max_factor]; every intermediate
+    value stays in [0, max_value] (operations that would leave it are not drawn)."""
+
+    min_operands: int = 3
+    max_operands: int = 4
+    max_operand: int = 20
+    max_factor: int = 9
+    max_value: int = 200
+
+    def __post_init__(self):
+        if not 2 <= self.min_operands <= self.max_operands:
+            raise ValueError(
+                f"need 2 ≤ min_operands ≤ max_operands, got {self.min_operands}, {self.max_operands}"
+            )
+        if self.max_operand < 1 or self.max_factor < 2:
+            raise ValueError(f"need max_operand ≥ 1 and max_factor ≥ 2, got {self.max_operand}, {self.max_factor}")
+        if self.max_value < self.max_operand:
+            raise ValueError(f"max_value ({self.max_value}) must be ≥ max_operand ({self.max_operand})")
+
+
+def apply(left: int, op: Operator, right: int) -> int:
+    if op == "+":
+        return left + right
+    if op == "-":
+        return left - right
+    if op == "*":
+        return left * right
+    raise ValueError(f"unknown operator {op!r}")
+
+
+def _draw_step(rng: random.Random, value: int, task: ArithmeticTask) -> tuple[Operator, int]:
+    """An operation on the running value that keeps it in [0, max_value]."""
+    choices = []
+    if value + 1 <= task.max_value:
+        choices.append("+")
+    if value >= 1:
+        choices.append("-")
+    if 2 * value <= task.max_value and value >= 1:
+        choices.append("*")
+    op = rng.choice(choices)
+    if op == "+":
+        return op, rng.randint(1, min(task.max_operand, task.max_value - value))
+    if op == "-":
+        return op, rng.randint(1, min(task.max_operand, value))
+    return op, rng.randint(2, min(task.max_factor, task.max_value // value))
+
+
+def render_expression(first: int, steps: list[tuple[Operator, int]]) -> str:
+    """Left-to-right evaluation order in ordinary notation: the expression so far is put in
+    parentheses before a "*" when it ends in a "+" or "-" (its top-level operator)."""
+    text, top_level = str(first), None
+    for op, number in steps:
+        if op == "*" and top_level in ("+", "-"):
+            text = f"({text})"
+        text, top_level = f"{text} {op} {number}", op
+    return text
+
+
+def make_problem(rng: random.Random, task: ArithmeticTask) -> dict[str, str]:
+    """One problem: {"problem", "answer", "solution"} (no id)."""
+    num_operands = rng.randint(task.min_operands, task.max_operands)
+    value = first = rng.randint(1, task.max_operand)
+    steps, lines = [], []
+    for _ in range(num_operands - 1):
+        op, number = _draw_step(rng, value, task)
+        result = apply(value, op, number)
+        lines.append(f"{value} {op} {number} = {result}")
+        steps.append((op, number))
+        value = result
+    lines.append(f"\\boxed{{{value}}}")
+    return {
+        "problem": f"Compute {render_expression(first, steps)}.",
+        "answer": str(value),
+        "solution": "\n\n".join(lines),
+    }
+
+
+def make_splits(
+    task: ArithmeticTask, num_train: int, num_heldout: int, seed: int = 0
+) -> tuple[list[dict], list[dict]]:
+    """Train and held-out rows with no problem in common, from `random.Random(seed)`.
+
+    Problems are drawn in one stream and deduplicated by text: the first `num_heldout` distinct
+    problems are held out, the next `num_train` train. Ids: "arith-train-00000", "arith-heldout-000".
+    """
+    rng = random.Random(seed)
+    seen: set[str] = set()
+    distinct: list[dict] = []
+    attempts, limit = 0, 20 * (num_train + num_heldout) + 1000
+    while len(distinct) < num_train + num_heldout:
+        attempts += 1
+        if attempts > limit:
+            raise ValueError(
+                f"the task {task} has too few distinct problems for {num_train} + {num_heldout} rows"
+            )
+        row = make_problem(rng, task)
+        if row["problem"] not in seen:
+            seen.add(row["problem"])
+            distinct.append(row)
+    heldout = [{"id": f"arith-heldout-{i:03d}", **row} for i, row in enumerate(distinct[:num_heldout])]
+    train = [{"id": f"arith-train-{i:05d}", **row} for i, row in enumerate(distinct[num_heldout:])]
+    return train, heldout
+
+
+def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    return path
+
