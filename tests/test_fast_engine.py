@@ -2,6 +2,7 @@
 greedy tokens equal HF `generate`'s, log-probs equal a fresh forward pass, stops and padding,
 weight updates, sampling filters, seeded determinism, and the fallback for other architectures."""
 
+import contextlib
 import logging
 
 import pytest
@@ -236,7 +237,8 @@ def test_a_seeded_generator_gives_the_same_rollouts():
     prompts = left_padded_prompts([3, 5, 8], seed=12)
     sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.95)
     engine = StaticCacheEngine()
-    first, again = generate(engine, model, prompts, sampling, seed=1), generate(engine, model, prompts, sampling, seed=1)
+    first = generate(engine, model, prompts, sampling, seed=1)
+    again = generate(engine, model, prompts, sampling, seed=1)
     other = generate(engine, model, prompts, sampling, seed=2)
     assert torch.equal(first.response_ids, again.response_ids) and torch.equal(first.logp, again.logp)
     assert not torch.equal(first.response_ids, other.response_ids)
@@ -257,7 +259,8 @@ def test_bfloat16_and_autocast_run_close_to_a_fresh_forward():
     model = build("qwen3", seed=9)
     prompts = left_padded_prompts([5, 2], seed=13)
     sampling = SamplingConfig(max_new_tokens=8, temperature=1.0)
-    for context, dtype in ((torch.autocast("cpu", dtype=torch.bfloat16), torch.float32), (torch.no_grad(), torch.bfloat16)):
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    for context, dtype in ((autocast, torch.float32), (contextlib.nullcontext(), torch.bfloat16)):
         model = model.to(dtype)
         with context:
             out = generate(StaticCacheEngine(), model, prompts, sampling, seed=4)
@@ -281,7 +284,8 @@ def test_unsupported_models_fall_back_to_hf_generate_and_say_so_once(caplog):
             again = generate(engine, model, prompts, sampling, eos=[5])
         assert [r.levelno for r in caplog.records] == [logging.WARNING], "one warning per reason"
         assert "falls back to HF generate" in caplog.records[0].getMessage()
-        assert torch.equal(out.response_ids, generate(HFGenerateEngine(), model, prompts, sampling, eos=[5]).response_ids)
+        hf = generate(HFGenerateEngine(), model, prompts, sampling, eos=[5])
+        assert torch.equal(out.response_ids, hf.response_ids)
         assert torch.equal(out.response_ids, again.response_ids)
 
 
@@ -317,7 +321,8 @@ def test_graph_bookkeeping_equals_the_eager_engine_on_cpu(monkeypatch):
     def both(prompts, sampling, seed):
         ids, mask = prompts
         args = (sampling, [5, 6], PAD)
-        a = graphed._generate_graphed(fast_module._Decoder(model), ids, mask, *args, torch.Generator().manual_seed(seed))
+        decoder = fast_module._Decoder(model)
+        a = graphed._generate_graphed(decoder, ids, mask, *args, torch.Generator().manual_seed(seed))
         b = eager.generate(model, ids, mask, *args, torch.Generator().manual_seed(seed))
         assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)
         torch.testing.assert_close(a.logp, b.logp, atol=1e-5, rtol=0)

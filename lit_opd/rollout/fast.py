@@ -323,6 +323,11 @@ class _Rollout:
         self.done |= (tokens[:, None] == self.eos).any(dim=1)
         self.tokens.copy_(tokens[:, None])
 
+    def finished(self, steps: int, check_interval: int) -> bool:
+        """After `steps` sampled tokens: all N are sampled, or every row has stopped (looked at every
+        check_interval steps only, as looking waits for the device)."""
+        return steps >= self.max_new or (steps % check_interval == 0 and bool(self.done.all()))
+
     def result(self, steps: int) -> Generation:
         """The first `steps` columns, trimmed to the longest response."""
         mask = self.out_mask[:, :steps]
@@ -410,7 +415,7 @@ class StaticCacheEngine(RolloutEngine):
         rollout.prefill(prompt_ids, prompt_mask, generator)
         interval = 1 if prompt_ids.device.type == "cpu" else self.done_check_interval
         steps = 1
-        while steps < sampling.max_new_tokens and not (steps % interval == 0 and bool(rollout.done.all())):
+        while not rollout.finished(steps, interval):
             rollout.draw(generator)
             rollout.decode(kv_len=P + steps)
             steps += 1
@@ -435,7 +440,7 @@ class StaticCacheEngine(RolloutEngine):
         rollout, kv_lens, graphs = self._graphs.rollout, self._graphs.kv_lens, self._graphs.graphs
         rollout.prefill(prompt_ids, prompt_mask, generator)
         steps, bucket = 1, 0
-        while steps < sampling.max_new_tokens and not (steps % self.done_check_interval == 0 and bool(rollout.done.all())):
+        while not rollout.finished(steps, self.done_check_interval):
             while kv_lens[bucket] < P + steps:
                 bucket += 1
             rollout.draw(generator)
