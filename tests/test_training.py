@@ -160,3 +160,24 @@ def test_export_student_writes_loadable_hf_checkpoints(tiny_checkpoints, prompts
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     for name, value in module.student.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_validate_a_plain_hf_model_through_the_cli(tiny_checkpoints, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    main([
+        "validate", "--config", str(ROOT / "configs" / "eval.yaml"),
+        f"--model.init_args.student={tiny_checkpoints['student']}",
+        f"--data.tokenizer={tiny_checkpoints['student']}",
+        "--model.init_args.dtype=float32",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.callbacks.benchmarks=[aime24, amc23]",
+        "--trainer.callbacks.max_problems=2",
+        "--trainer.callbacks.n=2",
+        "--trainer.callbacks.ks=[1, 2]",
+        "--trainer.callbacks.max_new_tokens=6",
+        "--trainer.callbacks.progress=false",
+    ])
+    rows = [json.loads(line) for line in next(tmp_path.glob("runs/eval/version_0/validate_step0.jsonl")).open()]
+    assert sorted({row["benchmark"] for row in rows}) == ["aime24", "amc23"] and len(rows) == 4
+    assert all(row["n"] == 2 for row in rows)
