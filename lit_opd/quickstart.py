@@ -8,12 +8,15 @@ rerun alone):
            task, multi-step integer arithmetic with a \\boxed{} answer: train and held-out JSONL.
   teacher  a tiny Qwen3 trained by SFT (`SFTModule`, a real Lightning Trainer), saved as a HF
            checkpoint.
-  student  a smaller Qwen3 warm-started briefly by SFT on the same data, saved likewise.
+  student  a Qwen3 of the teacher's shape warm-started briefly (a quarter of the teacher's SFT
+           steps) on the same data, saved likewise.
   opd      sampled-token OPD with the Block64 drift gate, student ← teacher, on the student's
            own samples (`configs/quickstart/opd_block64.yaml` through `lit_opd.cli`); its
            TensorBoard holds eval/heldout/pass@<k> at step 0 and at the end.
+  sg_opd   (not run by default) SG-OPD with the Block64 gate and phased teacher sampling, from the
+           same warm-started student for the same steps (`configs/quickstart/sg_opd.yaml`).
   eval     pass@1 and pass@8 on the held-out problems of the teacher, the student before OPD and
-           the student after OPD; a table in the terminal and `results.json`.
+           each distilled student that exists; a table in the terminal and `results.json`.
 """
 
 import argparse
@@ -38,8 +41,14 @@ from lit_opd.rollout.engine import SamplingConfig
 from lit_opd.tiny import tiny_qwen3
 from lit_opd.verify import Verifier
 
-STAGES = ("data", "teacher", "student", "opd", "eval")
-OPD_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "quickstart" / "opd_block64.yaml"
+STAGES = ("data", "teacher", "student", "opd", "sg_opd", "eval")
+DEFAULT_STAGES = ("data", "teacher", "student", "opd", "eval")
+CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
+# The distillation stages: the config each runs and the HF checkpoint it writes.
+DISTILL_STAGES = {
+    "opd": (CONFIGS / "opd_block64.yaml", "student_opd"),
+    "sg_opd": (CONFIGS / "sg_opd.yaml", "student_sg_opd"),
+}
 
 TASK = ArithmeticTask(min_operands=3, max_operands=4, max_operand=9, max_factor=5, max_value=99)
 NUM_TRAIN, NUM_HELDOUT = 20_000, 200
@@ -66,9 +75,9 @@ class SFTRecipe:
     init_seed: int
 
 
-TEACHER = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, steps=1200, batch_size=32,
+TEACHER = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, steps=1000, batch_size=32,
                     lr=3e-3, warmup_steps=30, init_seed=1)
-STUDENT = SFTRecipe(hidden_size=96, num_layers=2, num_heads=4, num_kv_heads=2, steps=300, batch_size=32,
+STUDENT = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, steps=300, batch_size=32,
                     lr=3e-3, warmup_steps=30, init_seed=2)
 
 
@@ -130,7 +139,7 @@ def train_sft(layout: Layout, name: str, recipe: SFTRecipe, seed: int) -> None:
     data = SFTDataModule(str(layout.tokenizer), str(layout.train), chat_template=TEMPLATE.chat,
                          instruction=TEMPLATE.instruction, max_length=MAX_LENGTH, batch_size=recipe.batch_size,
                          seed=seed)
-    module = SFTModule(str(init), lr=recipe.lr, warmup_steps=recipe.warmup_steps)
+    module = SFTModule(str(init), str(layout.tokenizer), lr=recipe.lr, warmup_steps=recipe.warmup_steps)
     trainer = L.Trainer(
         accelerator="cpu",
         devices=1,
@@ -158,9 +167,10 @@ class SaveStudent(L.Callback):
         pl_module.save_student_pretrained(self.path)
 
 
-def opd_config(layout: Layout, seed: int) -> dict:
-    """configs/quickstart/opd_block64.yaml with this run's paths and seed filled in."""
-    config = yaml.safe_load(OPD_CONFIG.read_text())
+def distill_config(layout: Layout, stage: str, seed: int) -> dict:
+    """The stage's config (configs/quickstart/<name>.yaml) with this run's paths and seed filled in."""
+    config_path, output = DISTILL_STAGES[stage]
+    config = yaml.safe_load(config_path.read_text())
     model, data, trainer = config["model"]["init_args"], config["data"], config["trainer"]
     model["student"] = str(layout.require(layout.model("student"), "student"))
     model["teacher"] = str(layout.require(layout.model("teacher"), "teacher"))
@@ -171,18 +181,18 @@ def opd_config(layout: Layout, seed: int) -> dict:
         if callback["class_path"].endswith("PassAtKEvaluation"):
             callback["init_args"].update(benchmarks=[str(layout.heldout)], seed=seed)
         elif callback["class_path"].endswith("SaveStudent"):
-            callback["init_args"]["path"] = str(layout.model("student_opd"))
+            callback["init_args"]["path"] = str(layout.model(output))
     return config
 
 
-def run_opd(layout: Layout, seed: int) -> None:
-    """Sampled-token OPD with the Block64 gate through `lit-opd fit`, with the config written
-    beside the outputs (`<output-dir>/opd_block64.yaml`, rerunnable as is). The distilled
-    student is saved to layout.model("student_opd")."""
+def run_distillation(layout: Layout, stage: str, seed: int) -> None:
+    """`lit-opd fit` on the stage's config, written beside the outputs first
+    (`<output-dir>/<name>.yaml`, rerunnable as is); the distilled student is saved as a HF
+    checkpoint (`models/student_opd` or `models/student_sg_opd`)."""
     from lit_opd.cli import main as cli_main
 
-    path = layout.root / OPD_CONFIG.name
-    path.write_text(yaml.safe_dump(opd_config(layout, seed), sort_keys=False))
+    path = layout.root / DISTILL_STAGES[stage][0].name
+    path.write_text(yaml.safe_dump(distill_config(layout, stage, seed), sort_keys=False))
     cli_main(["fit", "--config", str(path)])
 
 
@@ -193,6 +203,7 @@ def evaluate_models(layout: Layout, seed: int) -> dict[str, dict[str, float]]:
         "teacher": layout.model("teacher"),
         "student (before OPD)": layout.model("student"),
         "student (after OPD)": layout.model("student_opd"),
+        "student (after SG-OPD)": layout.model("student_sg_opd"),
     }
     results = {}
     with Verifier(timeout=5.0) as verifier:
@@ -218,9 +229,12 @@ def format_table(results: dict[str, dict[str, float]], num_problems: int) -> str
     lines = [header, "-" * len(header)]
     for label, scores in results.items():
         lines.append(f"{label:<28}" + "".join(f"{scores[f'pass@{k}']:>10.3f}" for k in EVAL_KS))
-    before, after = results.get("student (before OPD)"), results.get("student (after OPD)")
-    if before and after:
-        lines.append(f"{'OPD gain':<28}" + "".join(f"{after[f'pass@{k}'] - before[f'pass@{k}']:>+10.3f}" for k in EVAL_KS))
+    before = results.get("student (before OPD)")
+    for method in ("OPD", "SG-OPD"):
+        after = results.get(f"student (after {method})")
+        if before and after:
+            gains = "".join(f"{after[f'pass@{k}'] - before[f'pass@{k}']:>+10.3f}" for k in EVAL_KS)
+            lines.append(f"{method + ' gain':<28}" + gains)
     return "\n".join(lines)
 
 
@@ -236,8 +250,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="lit-opd quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="quickstart_runs", help="where every stage writes (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="data, initialisation and sampling seed")
-    parser.add_argument("--stages", type=parse_stages, default=list(STAGES),
-                        help=f"comma-separated subset of {','.join(STAGES)} (default: all, in that order)")
+    parser.add_argument("--stages", type=parse_stages, default=list(DEFAULT_STAGES),
+                        help=f"comma-separated subset of {','.join(STAGES)}, run in that order "
+                             f"(default: {','.join(DEFAULT_STAGES)})")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -252,8 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
             train_sft(layout, "teacher", TEACHER, args.seed)
         elif stage == "student":
             train_sft(layout, "student", STUDENT, args.seed)
-        elif stage == "opd":
-            run_opd(layout, args.seed)
+        elif stage in DISTILL_STAGES:
+            run_distillation(layout, stage, args.seed)
         elif stage == "eval":
             results = evaluate_models(layout, args.seed)
         seconds[stage] = time.perf_counter() - started
