@@ -22,7 +22,8 @@ rerun alone):
 import argparse
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import NamedTuple
 from pathlib import Path
 
 import lightning as L
@@ -44,10 +45,20 @@ from lit_opd.verify import Verifier
 STAGES = ("data", "teacher", "student", "opd", "sg_opd", "eval")
 DEFAULT_STAGES = ("data", "teacher", "student", "opd", "eval")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
-# The distillation stages: the config each runs and the HF checkpoint it writes.
+
+
+class DistillStage(NamedTuple):
+    """A distillation stage: the config it runs, the HF checkpoint it writes (under models/) and
+    the method's name in the results table."""
+
+    config: Path
+    output: str
+    method: str
+
+
 DISTILL_STAGES = {
-    "opd": (CONFIGS / "opd_block64.yaml", "student_opd"),
-    "sg_opd": (CONFIGS / "sg_opd.yaml", "student_sg_opd"),
+    "opd": DistillStage(CONFIGS / "opd_block64.yaml", "student_opd", "OPD"),
+    "sg_opd": DistillStage(CONFIGS / "sg_opd.yaml", "student_sg_opd", "SG-OPD"),
 }
 
 TASK = ArithmeticTask(min_operands=3, max_operands=4, max_operand=9, max_factor=5, max_value=99)
@@ -77,8 +88,7 @@ class SFTRecipe:
 
 TEACHER = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, steps=1000, batch_size=32,
                     lr=3e-3, warmup_steps=30, init_seed=1)
-STUDENT = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, steps=300, batch_size=32,
-                    lr=3e-3, warmup_steps=30, init_seed=2)
+STUDENT = replace(TEACHER, steps=300, init_seed=2)  # the teacher's shape, less trained
 
 
 @dataclass(frozen=True)
@@ -100,7 +110,7 @@ class Layout:
         return self.root / "tokenizer"
 
     def model(self, name: str) -> Path:
-        """HF checkpoints: "teacher", "student" (warm-started) and "student_opd" (after OPD)."""
+        """HF checkpoints: "teacher", "student" (warm-started) and each DISTILL_STAGES output."""
         return self.root / "models" / name
 
     @property
@@ -169,7 +179,7 @@ class SaveStudent(L.Callback):
 
 def distill_config(layout: Layout, stage: str, seed: int) -> dict:
     """The stage's config (configs/quickstart/<name>.yaml) with this run's paths and seed filled in."""
-    config_path, output = DISTILL_STAGES[stage]
+    config_path, output, _ = DISTILL_STAGES[stage]
     config = yaml.safe_load(config_path.read_text())
     model, data, trainer = config["model"]["init_args"], config["data"], config["trainer"]
     model["student"] = str(layout.require(layout.model("student"), "student"))
@@ -188,10 +198,10 @@ def distill_config(layout: Layout, stage: str, seed: int) -> dict:
 def run_distillation(layout: Layout, stage: str, seed: int) -> None:
     """`lit-opd fit` on the stage's config, written beside the outputs first
     (`<output-dir>/<name>.yaml`, rerunnable as is); the distilled student is saved as a HF
-    checkpoint (`models/student_opd` or `models/student_sg_opd`)."""
+    checkpoint (`models/<the stage's output>`)."""
     from lit_opd.cli import main as cli_main
 
-    path = layout.root / DISTILL_STAGES[stage][0].name
+    path = layout.root / DISTILL_STAGES[stage].config.name
     path.write_text(yaml.safe_dump(distill_config(layout, stage, seed), sort_keys=False))
     cli_main(["fit", "--config", str(path)])
 
@@ -202,8 +212,7 @@ def evaluate_models(layout: Layout, seed: int) -> dict[str, dict[str, float]]:
     models = {
         "teacher": layout.model("teacher"),
         "student (before OPD)": layout.model("student"),
-        "student (after OPD)": layout.model("student_opd"),
-        "student (after SG-OPD)": layout.model("student_sg_opd"),
+        **{f"student (after {method})": layout.model(output) for _, output, method in DISTILL_STAGES.values()},
     }
     results = {}
     with Verifier(timeout=5.0) as verifier:
@@ -230,7 +239,7 @@ def format_table(results: dict[str, dict[str, float]], num_problems: int) -> str
     for label, scores in results.items():
         lines.append(f"{label:<28}" + "".join(f"{scores[f'pass@{k}']:>10.3f}" for k in EVAL_KS))
     before = results.get("student (before OPD)")
-    for method in ("OPD", "SG-OPD"):
+    for method in (stage.method for stage in DISTILL_STAGES.values()):
         after = results.get(f"student (after {method})")
         if before and after:
             gains = "".join(f"{after[f'pass@{k}'] - before[f'pass@{k}']:>+10.3f}" for k in EVAL_KS)

@@ -34,6 +34,7 @@ from torch.distributed.fsdp import FullyShardedDataParallel, MixedPrecisionPolic
 from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers_cli import tiny_args
 from lit_opd.cli import main
 from lit_opd.logprobs import CausalLMScorer
 from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig
@@ -114,24 +115,19 @@ def fit_args(config, checkpoints, prompts_file, out, steps, prompts_per_rollout,
         extra = ("--trainer.enable_checkpointing=true", *extra)
     return [
         "fit", "--config", str(ROOT / "configs" / f"{config}.yaml"), "--config", OVERRIDES,
-        f"--model.init_args.student={checkpoints['student']}",
-        f"--model.init_args.teacher={checkpoints['teacher']}",
-        "--model.init_args.dtype=float32",
-        "--model.init_args.rollout.num_samples=2",
-        "--model.init_args.rollout.max_new_tokens=8",
-        "--model.init_args.rollout.score_batch_size=4",
-        "--model.init_args.rollout.temperature=0",
-        "--model.init_args.optim.lr=0.01",
-        "--model.init_args.optim.warmup_steps=0",
-        f"--data.tokenizer={checkpoints['student']}",
-        f"--data.train_data={prompts_file}",
-        f"--data.prompts_per_rollout={prompts_per_rollout}",
-        "--data.num_minibatches=1",
-        "--data.reuse=2",
-        f"--trainer.max_steps={max_steps}",
-        f"--trainer.default_root_dir={out}",
-        f"--trainer.callbacks={json.dumps(callbacks)}",
-        *extra,
+        *tiny_args(
+            checkpoints, prompts_file,
+            "--model.init_args.rollout.temperature=0",
+            "--model.init_args.optim.lr=0.01",
+            "--model.init_args.optim.warmup_steps=0",
+            f"--data.prompts_per_rollout={prompts_per_rollout}",
+            "--data.num_minibatches=1",
+            "--data.reuse=2",
+            f"--trainer.max_steps={max_steps}",
+            f"--trainer.default_root_dir={out}",
+            f"--trainer.callbacks={json.dumps(callbacks)}",
+            *extra,
+        ),
     ]
 
 

@@ -1,5 +1,5 @@
 """The quickstart's stages end to end at a tiny scale: every stage runs through the real code
-(SFT Trainer, `lit-opd fit` on the quickstart's OPD config, pass@k evaluation), writes what
+(SFT Trainer, `lit-opd fit` on the quickstart's OPD and SG-OPD configs, pass@k evaluation), writes what
 the next stage reads, and a stage reruns alone from those files."""
 
 import json
@@ -17,16 +17,17 @@ def tiny_quickstart(tmp_path, monkeypatch):
     """The quickstart shrunk: 64 training and 6 held-out problems, one-layer models, 3 SFT steps,
     2 OPD steps, n=2; the OPD and SG-OPD configs are the shipped ones with only those numbers changed."""
     shrunk = {}
-    for stage, (path, output) in quickstart.DISTILL_STAGES.items():
-        config = yaml.safe_load(path.read_text())
+    for name, stage in quickstart.DISTILL_STAGES.items():
+        config = yaml.safe_load(stage.config.read_text())
         config["trainer"].update(max_steps=2, log_every_n_steps=1)
         config["model"]["init_args"]["rollout"].update(num_samples=2, max_new_tokens=24)
         config["data"].update(prompts_per_rollout=2, reuse=1, num_minibatches=2)
         for callback in config["trainer"]["callbacks"]:
             if callback["class_path"].endswith("PassAtKEvaluation"):
                 callback["init_args"].update(n=2, ks=[1, 2], max_new_tokens=24)
-        (tmp_path / path.name).write_text(yaml.safe_dump(config, sort_keys=False))
-        shrunk[stage] = (tmp_path / path.name, output)
+        path = tmp_path / stage.config.name
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        shrunk[name] = stage._replace(config=path)
     recipe = dict(num_heads=2, num_kv_heads=1, steps=3, batch_size=4, lr=1e-3, warmup_steps=1)
     monkeypatch.setattr(quickstart, "DISTILL_STAGES", shrunk)
     monkeypatch.setattr(quickstart, "NUM_TRAIN", 64)

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from helpers_cli import tiny_args
 from lit_opd.cli import main
 from lit_opd.data.prompts import PromptDataModule
 from lit_opd.gates import DriftGate
@@ -26,20 +27,6 @@ def prompts_file(tmp_path_factory):
         for i in range(24):
             handle.write(json.dumps({"id": i, "problem": f"{i}+{i + 1}=?", "answer": str(2 * i + 1)}) + "\n")
     return str(path)
-
-
-def tiny_args(checkpoints, prompts_file, *extra):
-    return [
-        f"--model.init_args.student={checkpoints['student']}",
-        f"--model.init_args.teacher={checkpoints['teacher']}",
-        "--model.init_args.dtype=float32",
-        "--model.init_args.rollout.num_samples=2",
-        "--model.init_args.rollout.max_new_tokens=8",
-        "--model.init_args.rollout.score_batch_size=4",
-        f"--data.tokenizer={checkpoints['student']}",
-        f"--data.train_data={prompts_file}",
-        *extra,
-    ]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
