@@ -3,7 +3,8 @@ compiles the forward itself) and the fast engine (`StaticCacheEngine`, eager and
 graphs), on random-weight Qwen3 models, sampling at temperature 1 with no EOS so that every row
 generates exactly `new_tokens` tokens.
 
-Shapes: "cpu" (4 layers, width 256, vocab 512, batch 64, prompt 32, 128 new tokens, float32) always;
+Shapes: "cpu" (4 layers, width 256, vocab 512, batch 64, prompt 32, 128 new tokens, float32) and
+"cpu-bf16" (the same in bfloat16, every engine) always;
 "qwen3-0.6b" (the Qwen3-0.6B architecture, bfloat16, prompt 128, 512 new tokens) at batch 64 and 256
 where CUDA is present.
 
@@ -50,6 +51,7 @@ QWEN3_0_6B = dict(
 )
 SHAPES = {
     "cpu": dict(device="cpu", dtype="float32", batch=64, prompt_len=32, new_tokens=128, config=TINY_QWEN3),
+    "cpu-bf16": dict(device="cpu", dtype="bfloat16", batch=64, prompt_len=32, new_tokens=128, config=TINY_QWEN3),
     **{
         f"qwen3-0.6b-b{batch}": dict(
             device="cuda", dtype="bfloat16", batch=batch, prompt_len=128, new_tokens=512, config=QWEN3_0_6B

@@ -80,11 +80,13 @@ def main(args: list[str] | None = None) -> None:
     if argv and argv[0] == "report":
         from lit_opd.report import main as report_main
 
-        return report_main(argv[1:])
+        report_main(argv[1:])
+        return
     if argv and argv[0] == "quickstart":
         from lit_opd.quickstart import main as quickstart_main
 
-        return quickstart_main(argv[1:])
+        quickstart_main(argv[1:])  # its summary dict is for Python callers: as an exit code it would read as an error
+        return
     try:
         OPDCLI(
             datamodule_class=PromptDataModule,

@@ -8,13 +8,15 @@ rerun alone):
            task, multi-step integer arithmetic with a \\boxed{} answer: train and held-out JSONL.
   teacher  a tiny Qwen3 trained by SFT (`SFTModule`, a real Lightning Trainer), saved as a HF
            checkpoint.
-  student  a Qwen3 of the teacher's shape warm-started briefly (a quarter of the teacher's SFT
-           steps) on the same data, saved likewise.
-  opd      sampled-token OPD with the Block64 drift gate, student ← teacher, on the student's
-           own samples (`configs/quickstart/opd_block64.yaml` through `lit_opd.cli`); its
-           TensorBoard holds eval/heldout/pass@<k> at step 0 and at the end.
-  sg_opd   (not run by default) SG-OPD with the Block64 gate and phased teacher sampling, from the
-           same warm-started student for the same steps (`configs/quickstart/sg_opd.yaml`).
+  student  a Qwen3 of the teacher's shape warm-started briefly (300 SFT steps to the teacher's 750)
+           on the same data, saved likewise.
+  opd      OPD with the Block64 drift gate, student ← teacher, on the student's own samples:
+           Teacher-TopK local support matching (`configs/quickstart/topk_lsm_block64.yaml` through
+           `lit_opd.cli`); its TensorBoard holds eval/heldout/pass@<k> at step 0 and at the end.
+  opd_sampled, sg_opd
+           (not run by default) sampled-token OPD and SG-OPD (phased teacher sampling), both with
+           the Block64 gate, from the same warm-started student for the same steps
+           (`configs/quickstart/opd_sampled_block64.yaml`, `configs/quickstart/sg_opd.yaml`).
   eval     pass@1 and pass@8 on the held-out problems of the teacher, the student before OPD and
            each distilled student that exists; a table in the terminal and `results.json`.
 """
@@ -42,7 +44,7 @@ from lit_opd.rollout.engine import SamplingConfig
 from lit_opd.tiny import tiny_qwen3
 from lit_opd.verify import Verifier
 
-STAGES = ("data", "teacher", "student", "opd", "sg_opd", "eval")
+STAGES = ("data", "teacher", "student", "opd", "opd_sampled", "sg_opd", "eval")
 DEFAULT_STAGES = ("data", "teacher", "student", "opd", "eval")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 
@@ -57,7 +59,8 @@ class DistillStage(NamedTuple):
 
 
 DISTILL_STAGES = {
-    "opd": DistillStage(CONFIGS / "opd_block64.yaml", "student_opd", "OPD"),
+    "opd": DistillStage(CONFIGS / "topk_lsm_block64.yaml", "student_opd", "OPD"),
+    "opd_sampled": DistillStage(CONFIGS / "opd_sampled_block64.yaml", "student_opd_sampled", "sampled-token OPD"),
     "sg_opd": DistillStage(CONFIGS / "sg_opd.yaml", "student_sg_opd", "SG-OPD"),
 }
 
@@ -86,7 +89,7 @@ class SFTRecipe:
     init_seed: int
 
 
-TEACHER = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, steps=1000, batch_size=32,
+TEACHER = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, steps=750, batch_size=32,
                     lr=3e-3, warmup_steps=30, init_seed=1)
 STUDENT = replace(TEACHER, steps=300, init_seed=2)  # the teacher's shape, less trained
 
@@ -234,16 +237,16 @@ def evaluate_models(layout: Layout, seed: int) -> dict[str, dict[str, float]]:
 
 
 def format_table(results: dict[str, dict[str, float]], num_problems: int) -> str:
-    header = f"{'held-out (' + str(num_problems) + ' problems)':<28}" + "".join(f"{f'pass@{k}':>10}" for k in EVAL_KS)
+    header = f"{'held-out (' + str(num_problems) + ' problems)':<36}" + "".join(f"{f'pass@{k}':>10}" for k in EVAL_KS)
     lines = [header, "-" * len(header)]
     for label, scores in results.items():
-        lines.append(f"{label:<28}" + "".join(f"{scores[f'pass@{k}']:>10.3f}" for k in EVAL_KS))
+        lines.append(f"{label:<36}" + "".join(f"{scores[f'pass@{k}']:>10.3f}" for k in EVAL_KS))
     before = results.get("student (before OPD)")
     for method in (stage.method for stage in DISTILL_STAGES.values()):
         after = results.get(f"student (after {method})")
         if before and after:
             gains = "".join(f"{after[f'pass@{k}'] - before[f'pass@{k}']:>+10.3f}" for k in EVAL_KS)
-            lines.append(f"{method + ' gain':<28}" + gains)
+            lines.append(f"{method + ' gain':<36}" + gains)
     return "\n".join(lines)
 
 

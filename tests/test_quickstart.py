@@ -1,8 +1,10 @@
 """The quickstart's stages end to end at a tiny scale: every stage runs through the real code
-(SFT Trainer, `lit-opd fit` on the quickstart's OPD and SG-OPD configs, pass@k evaluation), writes what
+(SFT Trainer, `lit-opd fit` on each of the quickstart's distillation configs, pass@k evaluation), writes what
 the next stage reads, and a stage reruns alone from those files."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import yaml
@@ -15,7 +17,7 @@ from lit_opd.quickstart import SFTRecipe
 @pytest.fixture
 def tiny_quickstart(tmp_path, monkeypatch):
     """The quickstart shrunk: 64 training and 6 held-out problems, one-layer models, 3 SFT steps,
-    2 OPD steps, n=2; the OPD and SG-OPD configs are the shipped ones with only those numbers changed."""
+    2 distillation steps, n=2; the distillation configs are the shipped ones with only those numbers changed."""
     shrunk = {}
     for name, stage in quickstart.DISTILL_STAGES.items():
         config = yaml.safe_load(stage.config.read_text())
@@ -44,16 +46,17 @@ def tiny_quickstart(tmp_path, monkeypatch):
 def test_every_stage_runs_and_the_opd_run_logs_pass_at_k_at_start_and_end(tiny_quickstart):
     summary = quickstart.main(["--output-dir", str(tiny_quickstart), "--threads", "1"])
     assert set(summary["seconds"]) == set(quickstart.DEFAULT_STAGES)
-    quickstart.main(["--output-dir", str(tiny_quickstart), "--stages", "sg_opd,eval", "--threads", "1"])
+    quickstart.main(["--output-dir", str(tiny_quickstart), "--stages", "opd_sampled,sg_opd,eval", "--threads", "1"])
 
-    for name in ("teacher", "student", "student_opd", "student_sg_opd"):
+    for name in ("teacher", "student", "student_opd", "student_opd_sampled", "student_sg_opd"):
         assert (tiny_quickstart / "models" / name / "config.json").exists(), name
     results = json.loads((tiny_quickstart / "results.json").read_text())["results"]
-    assert set(results) == {"teacher", "student (before OPD)", "student (after OPD)", "student (after SG-OPD)"}
+    assert set(results) == {"teacher", "student (before OPD)", "student (after OPD)",
+                            "student (after sampled-token OPD)", "student (after SG-OPD)"}
     for scores in results.values():
         assert 0.0 <= scores["pass@1"] <= scores["pass@2"] <= 1.0
 
-    for run in ("opd_block64", "sg_opd"):
+    for run in ("topk_lsm_block64", "opd_sampled_block64", "sg_opd"):
         events = EventAccumulator(str(tiny_quickstart / "logs" / run))
         events.Reload()
         for k in (1, 2):
@@ -70,3 +73,15 @@ def test_a_stage_reruns_alone_and_a_missing_input_names_the_stage(tiny_quickstar
         quickstart.main(["--output-dir", str(tiny_quickstart), "--stages", "opd", "--threads", "1"])
     summary = quickstart.main(["--output-dir", str(tiny_quickstart), "--stages", "eval", "--threads", "1"])
     assert set(summary["results"]) == {"student (before OPD)"}
+
+
+def test_the_console_command_exits_0_after_a_stage(tmp_path):
+    """`lit-opd` runs `sys.exit(main())`: a value returned by main would turn a finished quickstart
+    into exit status 1."""
+    command = "import sys; from lit_opd.cli import main; sys.exit(main())"
+    result = subprocess.run(
+        [sys.executable, "-c", command, "quickstart", "--output-dir", str(tmp_path), "--stages", "data"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "data" / "heldout.jsonl").exists()

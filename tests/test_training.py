@@ -29,7 +29,8 @@ def prompts_file(tmp_path_factory):
     return str(path)
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("config", CONFIGS + sorted((ROOT / "configs" / "quickstart").glob("*.yaml")),
+                         ids=lambda p: p.relative_to(ROOT / "configs").with_suffix("").as_posix())
 def test_every_config_prints(config, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
