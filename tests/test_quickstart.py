@@ -85,3 +85,18 @@ def test_the_console_command_exits_0_after_a_stage(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "data" / "heldout.jsonl").exists()
+
+
+def test_the_distillation_stages_share_the_block64_gate_and_the_step_budget():
+    """The stages compare methods: same student, same Block64 gate, same steps and rollout batches."""
+    configs = {name: yaml.safe_load(stage.config.read_text()) for name, stage in quickstart.DISTILL_STAGES.items()}
+    for name, config in configs.items():
+        gates = config["model"]["init_args"]["gates"]
+        assert [gate["init_args"] for gate in gates] == [
+            {"unit": "block", "block_size": 64, "agg": "mean_abs", "sharpness": 1.0}
+        ], name
+    assert len({config["trainer"]["max_steps"] for config in configs.values()}) == 1
+    assert len({yaml.safe_dump(config["data"]) for config in configs.values()}) == 1
+    assert len({yaml.safe_dump(config["model"]["init_args"]["rollout"]) for config in configs.values()}) == 1
+    callbacks = [c["class_path"] for c in configs["sg_opd"]["trainer"]["callbacks"]]
+    assert "lit_opd.callbacks.PhasedTeacherSampling" in callbacks
