@@ -25,8 +25,8 @@ import argparse
 import json
 import time
 from dataclasses import asdict, dataclass, replace
-from typing import NamedTuple
 from pathlib import Path
+from typing import NamedTuple
 
 import lightning as L
 import torch
@@ -56,6 +56,11 @@ class DistillStage(NamedTuple):
     config: Path
     output: str
     method: str
+
+    @property
+    def label(self) -> str:
+        """The distilled student's row in the results table and results.json."""
+        return f"student (after {self.method})"
 
 
 DISTILL_STAGES = {
@@ -215,7 +220,7 @@ def evaluate_models(layout: Layout, seed: int) -> dict[str, dict[str, float]]:
     models = {
         "teacher": layout.model("teacher"),
         "student (before OPD)": layout.model("student"),
-        **{f"student (after {method})": layout.model(output) for _, output, method in DISTILL_STAGES.values()},
+        **{stage.label: layout.model(stage.output) for stage in DISTILL_STAGES.values()},
     }
     results = {}
     with Verifier(timeout=5.0) as verifier:
@@ -242,11 +247,11 @@ def format_table(results: dict[str, dict[str, float]], num_problems: int) -> str
     for label, scores in results.items():
         lines.append(f"{label:<36}" + "".join(f"{scores[f'pass@{k}']:>10.3f}" for k in EVAL_KS))
     before = results.get("student (before OPD)")
-    for method in (stage.method for stage in DISTILL_STAGES.values()):
-        after = results.get(f"student (after {method})")
+    for stage in DISTILL_STAGES.values():
+        after = results.get(stage.label)
         if before and after:
             gains = "".join(f"{after[f'pass@{k}'] - before[f'pass@{k}']:>+10.3f}" for k in EVAL_KS)
-            lines.append(f"{method + ' gain':<36}" + gains)
+            lines.append(f"{stage.method + ' gain':<36}" + gains)
     return "\n".join(lines)
 
 
