@@ -8,7 +8,7 @@ rerun alone):
            task, multi-step integer arithmetic with a \\boxed{} answer: train and held-out JSONL.
   teacher  a tiny Qwen3 trained by SFT (`SFTModule`, a real Lightning Trainer), saved as a HF
            checkpoint.
-  student  a Qwen3 of the teacher's shape warm-started briefly (300 SFT steps to the teacher's 750)
+  student  a Qwen3 of the teacher's shape warm-started briefly (300 SFT steps to the teacher's 600)
            on the same data, saved likewise.
   opd      OPD with the Block64 drift gate, student ← teacher, on the student's own samples:
            Teacher-TopK local support matching (`configs/quickstart/topk_lsm_block64.yaml` through
@@ -94,7 +94,7 @@ class SFTRecipe:
     init_seed: int
 
 
-TEACHER = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, steps=750, batch_size=32,
+TEACHER = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, steps=600, batch_size=32,
                     lr=3e-3, warmup_steps=30, init_seed=1)
 STUDENT = replace(TEACHER, steps=300, init_seed=2)  # the teacher's shape, less trained
 
