@@ -1,6 +1,7 @@
 """Rollout throughput: HF `generate` (dynamic cache), HF `generate` (static cache; on CUDA HF then
-compiles the forward itself) and the fast engine (`StaticCacheEngine`, eager and, on CUDA, with CUDA
-graphs), on random-weight Qwen3 models, sampling at temperature 1 with no EOS so that every row
+compiles the forward itself) and the fast engine (`StaticCacheEngine`: eager; on CPU also with
+PyTorch's attention instead of its decode-attention kernel, `fast_torch_attention`; on CUDA also with
+CUDA graphs), on random-weight Qwen3 models, sampling at temperature 1 with no EOS so that every row
 generates exactly `new_tokens` tokens.
 
 Shapes: "cpu" (4 layers, width 256, vocab 512, batch 64, prompt 32, 128 new tokens, float32) and
@@ -59,7 +60,10 @@ SHAPES = {
         for batch in (64, 256)
     },
 }
-ENGINES = {"cpu": ["hf_dynamic", "hf_static", "fast"], "cuda": ["hf_dynamic", "hf_static", "fast", "fast_cuda_graphs"]}
+ENGINES = {
+    "cpu": ["hf_dynamic", "hf_static", "fast", "fast_torch_attention"],
+    "cuda": ["hf_dynamic", "hf_static", "fast", "fast_cuda_graphs"],
+}
 
 
 def build(shape: dict) -> tuple[Qwen3ForCausalLM, torch.Tensor, torch.Tensor]:
@@ -86,7 +90,9 @@ def generate_fn(engine: str, model, ids, mask, new_tokens: int):
                 model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config)
 
         return run
-    fast = StaticCacheEngine(cuda_graphs=engine == "fast_cuda_graphs")
+    fast = StaticCacheEngine(
+        cuda_graphs=engine == "fast_cuda_graphs", cpu_decode_kernel=engine != "fast_torch_attention"
+    )
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
     generator = torch.Generator(device=ids.device).manual_seed(0)
     return lambda: fast.generate(model, ids, mask, sampling, [], 0, generator)
@@ -148,7 +154,9 @@ def summary(runs: list[dict]) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", choices=sorted(SHAPES), help="default: every shape this machine runs")
-    parser.add_argument("--engines", nargs="+", choices=ENGINES["cuda"], help="default: all the device has")
+    parser.add_argument(
+        "--engines", nargs="+", choices=sorted(set(ENGINES["cpu"] + ENGINES["cuda"])), help="default: all the device has"
+    )
     parser.add_argument(
         "--rounds", type=int, help="turns each engine of a shape takes, a fresh process each (default: CPU 2, CUDA 1)"
     )

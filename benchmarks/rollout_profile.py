@@ -3,11 +3,17 @@ shape of benchmarks/rollout.py, under the PyTorch profiler. Prints one JSON obje
   wall_s       one generate call without the profiler (after a warm-up call), best of `repeats`;
   matmul_s     profiled self CPU seconds of aten::mm / addmm / bmm (the weight and attention matmuls
                that are not inside an attention kernel);
-  attention_s  profiled self CPU seconds of the ops whose name contains "attention" (SDPA kernels);
+  attention_s  profiled self CPU seconds of the ops whose name contains "attention" (SDPA kernels, the
+               engine's CPU kernel lit_opd::decode_attention);
   other_s      every other op's profiled self CPU seconds;
   profiled_s   their sum (the profiler adds its own overhead, so it exceeds wall_s).
+and, measured in the same process, "weight_matmuls_s": the call's weight matmuls alone (the prefill's
+and every decode step's projections and MLP, the LM head at the last position; nothing else), best of
+`repeats`. No engine that does those matmuls in the model's precision can be faster than that, so
+"speedup_ceiling" = HF dynamic's wall_s / weight_matmuls_s bounds every engine's speedup over it.
 
     python benchmarks/rollout_profile.py --threads 1
+    python benchmarks/rollout_profile.py --shape cpu-bf16 --threads 2
 """
 
 import argparse
@@ -15,6 +21,7 @@ import json
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.profiler import profile
 
 from rollout import SHAPES, build, generate_fn
@@ -46,6 +53,44 @@ def profile_engine(engine: str, shape: dict, repeats: int) -> dict[str, float]:
     }
 
 
+def weight_matmuls_s(shape: dict, repeats: int) -> float:
+    """Best wall seconds of the weight matmuls of one generate call: every layer's q, k, v, o, gate, up and
+    down projections on B·P prompt rows and then on B rows per decode step, the LM head on B rows each time."""
+    model, _, _ = build(shape)
+    B, P, N = shape["batch"], shape["prompt_len"], shape["new_tokens"]
+    layers = [
+        (
+            [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj, layer.self_attn.o_proj,
+             layer.mlp.gate_proj, layer.mlp.up_proj],
+            layer.mlp.down_proj,
+        )
+        for layer in model.model.layers
+    ]
+    dtype, hidden, inner = model.dtype, model.config.hidden_size, model.config.intermediate_size
+
+    def matmuls(rows: int) -> None:
+        x, gated = torch.randn(rows, hidden, dtype=dtype), torch.randn(rows, inner, dtype=dtype)
+        for projections, down in layers:
+            for projection in projections:
+                F.linear(x, projection.weight)
+            F.linear(gated, down.weight)
+        F.linear(x[:B], model.lm_head.weight)
+
+    def call() -> None:
+        matmuls(B * P)
+        for _ in range(N - 1):
+            matmuls(B)
+
+    with torch.no_grad():
+        call()
+        walls = []
+        for _ in range(repeats):
+            started = time.perf_counter()
+            call()
+            walls.append(time.perf_counter() - started)
+    return round(min(walls), 3)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shape", default="cpu", choices=[n for n, s in SHAPES.items() if s["device"] == "cpu"])
@@ -53,9 +98,16 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    engines = {engine: profile_engine(engine, SHAPES[args.shape], args.repeats) for engine in ("hf_dynamic", "fast")}
-    print(json.dumps({"shape": args.shape, "threads": args.threads, "torch": torch.__version__, "engines": engines},
-                     indent=2))
+    shape = SHAPES[args.shape]
+    engines = {engine: profile_engine(engine, shape, args.repeats) for engine in ("hf_dynamic", "fast")}
+    floor = weight_matmuls_s(shape, args.repeats)
+    report = {
+        "shape": args.shape, "threads": args.threads, "torch": torch.__version__, "engines": engines,
+        "weight_matmuls_s": floor,
+        "speedup_ceiling": round(engines["hf_dynamic"]["wall_s"] / floor, 2),
+        "speedup_vs_hf_dynamic": round(engines["hf_dynamic"]["wall_s"] / engines["fast"]["wall_s"], 2),
+    }
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,127 @@
+"""The CPU decode-attention kernel against a float64 reference: masks, grouped queries, head sizes with
+and without a compiled specialisation, cache prefixes, low precision, threads; and the fallback when
+the kernel cannot be built."""
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lit_opd.rollout import cpu_attention
+
+pytestmark = pytest.mark.skipif(cpu_attention.load() is None, reason="no C++ toolchain to build the kernel")
+
+
+def reference(q, keys, values, valid, scale):
+    """softmax(q kᵀ · scale, masked) v in float64. q: [B, H, G, D]; keys, values: [B, H, L, D]; valid: [B, L]."""
+    scores = torch.einsum("bhgd,bhld->bhgl", q.double(), keys.double()) * scale
+    scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return torch.einsum("bhgl,bhld->bhgd", torch.softmax(scores, dim=-1), values.double())
+
+
+def random_case(B=3, H=2, G=2, D=64, cache_len=20, L=13, dtype=torch.float32, seed=0):
+    """Inputs as the engine passes them: keys and values the first L columns of a longer cache (strided),
+    valid a prefix of the cache's valid columns, left padding in some rows."""
+    generator = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, G, D, generator=generator).to(dtype)
+    keys = torch.randn(B, H, cache_len, D, generator=generator).to(dtype)[:, :, :L]
+    values = torch.randn(B, H, cache_len, D, generator=generator).to(dtype)[:, :, :L]
+    valid = torch.ones(B, cache_len, dtype=torch.bool)
+    valid[0, :4] = False
+    valid[-1, :L - 1] = False  # only the newest column
+    return q, keys, values, valid[:, :L]
+
+
+@pytest.mark.parametrize("D", [8, 64, 128, 96])
+@pytest.mark.parametrize("G", [1, 2, 4])
+def test_equals_softmax_attention_in_float32(D, G):
+    q, keys, values, valid = random_case(G=G, D=D)
+    out = cpu_attention.decode_attention(q, keys, values, valid, D**-0.5)
+    assert out.shape == q.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), reference(q, keys, values, valid, D**-0.5), atol=2e-6, rtol=0)
+
+
+def test_a_row_with_one_valid_column_returns_that_value():
+    q, keys, values, valid = random_case()
+    out = cpu_attention.decode_attention(q, keys, values, valid, 0.125)
+    torch.testing.assert_close(out[-1], values[-1, :, -1:].expand_as(out[-1]), atol=1e-6, rtol=0)
+
+
+def test_masked_columns_do_not_matter_even_when_they_hold_nan():
+    q, keys, values, valid = random_case()
+    expected = cpu_attention.decode_attention(q, keys, values, valid, 0.125)
+    keys, values = keys.clone(), values.clone()
+    keys[0, :, :4], values[0, :, :4] = float("nan"), float("nan")
+    keys[-1, :, :-1] = 1e30
+    torch.testing.assert_close(cpu_attention.decode_attention(q, keys, values, valid, 0.125), expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_is_close_to_the_float64_reference(dtype):
+    q, keys, values, valid = random_case(dtype=dtype, L=40, cache_len=50)
+    out = cpu_attention.decode_attention(q, keys, values, valid, 0.125)
+    assert out.dtype == dtype
+    # Sums are float32: the error is the output's own rounding (bf16: 2^-8 relative), not accumulated.
+    torch.testing.assert_close(out.double(), reference(q, keys, values, valid, 0.125), atol=2e-2, rtol=0)
+
+
+def test_threads_give_the_same_result():
+    q, keys, values, valid = random_case(B=16, L=30, cache_len=30)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu_attention.decode_attention(q, keys, values, valid, 0.125)
+        torch.set_num_threads(2)
+        two = cpu_attention.decode_attention(q, keys, values, valid, 0.125)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, two)
+
+
+def test_does_not_apply_to_mixed_dtypes():
+    q, keys, values, valid = random_case()
+    assert cpu_attention.decode_attention(q.bfloat16(), keys, values, valid, 0.125) is None
+
+
+def test_shape_mismatches_are_named():
+    q, keys, values, valid = random_case()
+    with pytest.raises(RuntimeError, match=r"valid \[B, L\]"):
+        cpu_attention.decode_attention(q, keys, values, valid[:, 1:], 0.125)
+
+
+def test_a_failed_build_falls_back_and_says_why_once(monkeypatch, caplog):
+    import torch.utils.cpp_extension
+
+    def broken(**kwargs):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", broken)
+    cpu_attention.load.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="lit_opd.rollout.cpu_attention"):
+            q, keys, values, valid = random_case()
+            assert cpu_attention.decode_attention(q, keys, values, valid, 0.125) is None
+            assert cpu_attention.decode_attention(q, keys, values, valid, 0.125) is None
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 1 and "no compiler here" in warnings[0]
+    finally:
+        cpu_attention.load.cache_clear()
+
+
+def test_the_engine_attention_agrees_with_and_without_the_kernel():
+    """The decode step's attention through the kernel and through SDPA (the fallback), on the engine's
+    own grouped layout and mask."""
+    from lit_opd.rollout.fast import _Decoder
+
+    q, keys, values, valid = random_case(B=4, H=2, G=2, D=16, L=9, cache_len=12)
+    attend = valid[:, None, None, :]
+    decoder = object.__new__(_Decoder)
+    decoder.num_kv_heads, decoder.scaling = 2, 0.25
+    outputs = []
+    for kernel in (True, False):
+        decoder.cpu_kernel = kernel
+        outputs.append(decoder._attention(q.reshape(4, 1, 4, 16), keys, values, attend))
+    torch.testing.assert_close(outputs[0], outputs[1], atol=2e-6, rtol=0)
+    expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=0.25)
+    torch.testing.assert_close(outputs[0], expected.reshape(4, 1, 4, 16), atol=2e-6, rtol=0)
