@@ -1,21 +1,27 @@
-"""Decode attention on CPU: one query position per row, a C++ kernel built on first use.
+"""Decode attention on CPU: one query position per row, in a small C++ kernel built on first use.
 
 A decode step's attention is B·Hkv tiny matrix products (G = H/Hkv queries against L cached keys); as
-batched matmuls or PyTorch's CPU flash kernel each costs a few microseconds of set-up, several times
-the arithmetic, and together they took a third of a rollout call. The kernel here loops over the
-(row, KV head) pairs in parallel (ATen's thread pool, so torch.set_num_threads applies), reads each
-cached key and value once for all G queries, and keeps scores, softmax and sums in float32.
+batched matmuls or PyTorch's CPU flash kernel each costs microseconds of set-up, several times the
+arithmetic, and together they took a third of a rollout call. The kernel here loops over the (row,
+KV head) pairs in parallel (OpenMP, as many threads as torch.get_num_threads()), reads each cached key
+and value once for all G queries, and keeps scores, softmax and sums in float32.
 
-The extension is compiled with torch.utils.cpp_extension on first use (a C++ compiler and ninja are
-needed; the build takes about a minute on 2 cores and is cached, under TORCH_EXTENSIONS_DIR, per CPU
-model and torch version). Where it cannot be built, `load()` returns None with the reason logged once
-and the caller uses PyTorch's attention instead.
+The kernel is plain C++ with no torch headers: on first use it is compiled with the system C++
+compiler (`$CXX`, default `c++`; a few seconds) into LIT_OPD_KERNEL_DIR (default
+~/.cache/lit_opd/kernels), named by a hash of its source, flags and this CPU's model, and loaded with
+ctypes; it links to the OpenMP runtime torch has already loaded. Where it cannot be built, `load()`
+returns None with the reason logged once and the caller uses PyTorch's attention instead.
 """
 
+import ctypes
 import functools
 import hashlib
 import logging
+import os
 import platform
+import subprocess
+import tempfile
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -23,14 +29,30 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 _SOURCE = r"""
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
+
+struct bf16 { uint16_t bits; };
+
+static inline float to_float(float x) { return x; }
+static inline float to_float(bf16 x) {
+  uint32_t bits = static_cast<uint32_t>(x.bits) << 16;
+  float out;
+  std::memcpy(&out, &bits, sizeof out);
+  return out;
+}
+static inline void store(float x, float* out) { *out = x; }
+static inline void store(float x, bf16* out) {  // round to nearest even, as torch casts
+  uint32_t bits;
+  std::memcpy(&bits, &x, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) { out->bits = 0x7fc0; return; }  // NaN (a bit test: -ffast-math)
+  bits += 0x7fff + ((bits >> 16) & 1);
+  out->bits = static_cast<uint16_t>(bits >> 16);
+}
 
 // One (row, KV head) pair: G queries q [G, D] (float, pre-scaled) against L keys and values (rows l * stride).
 // Masked columns are never read: they score `lowest`, so exp() gives exactly 0 and no infinity is formed.
@@ -46,7 +68,7 @@ static void attend_pair(const float* __restrict q, const T* __restrict k, const 
       const float* __restrict qg = q + g * D;
       float dot = 0.f;
       if (valid[l]) {
-        for (int64_t d = 0; d < D; ++d) dot += qg[d] * static_cast<float>(key[d]);
+        for (int64_t d = 0; d < D; ++d) dot += qg[d] * to_float(key[d]);
       }
       scores[g * L + l] = valid[l] ? dot : std::numeric_limits<float>::lowest();
     }
@@ -70,95 +92,101 @@ static void attend_pair(const float* __restrict q, const T* __restrict k, const 
     for (int64_t g = 0; g < G; ++g) {
       const float p = scores[g * L + l];
       float* __restrict a = acc + g * D;
-      for (int64_t d = 0; d < D; ++d) a[d] += p * static_cast<float>(value[d]);
+      for (int64_t d = 0; d < D; ++d) a[d] += p * to_float(value[d]);
     }
   }
-  for (int64_t i = 0; i < G * D; ++i) out[i] = static_cast<T>(acc[i]);
+  for (int64_t i = 0; i < G * D; ++i) store(acc[i], out + i);
 }
 
+// q, out: [B, H, G, D] contiguous; k, v: [B, H, L, D] with element strides (k_b, k_h, k_l, 1); valid: [B, L]
+// with row stride valid_b.
 template <typename T, int64_t HEAD_DIM>
-static void decode_attention_kernel(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                                    const at::Tensor& valid, at::Tensor& out, float scale) {
-  const int64_t B = q.size(0), H = q.size(1), G = q.size(2), D = q.size(3), L = keys.size(2);
-  const T* q_data = q.data_ptr<T>();
-  const T* k_data = keys.data_ptr<T>();
-  const T* v_data = values.data_ptr<T>();
-  const bool* valid_data = valid.data_ptr<bool>();
-  T* out_data = out.data_ptr<T>();
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+static void decode_attention(const T* q, const T* k, const T* v, const bool* valid, T* out, int64_t B, int64_t H,
+                             int64_t G, int64_t L, int64_t D, int64_t k_b, int64_t k_h, int64_t k_l, int64_t v_b,
+                             int64_t v_h, int64_t v_l, int64_t valid_b, float scale, int threads) {
+#pragma omp parallel num_threads(threads)
+  {
     std::vector<float> query(G * D), scores(G * L), acc(G * D);
-    for (int64_t pair = begin; pair < end; ++pair) {
+#pragma omp for schedule(static)
+    for (int64_t pair = 0; pair < B * H; ++pair) {
       const int64_t b = pair / H, h = pair % H;
-      for (int64_t i = 0; i < G * D; ++i) query[i] = static_cast<float>(q_data[pair * G * D + i]) * scale;
-      attend_pair<T, HEAD_DIM>(query.data(), k_data + b * keys.stride(0) + h * keys.stride(1),
-                               v_data + b * values.stride(0) + h * values.stride(1), valid_data + b * valid.stride(0),
-                               out_data + pair * G * D, G, L, D, keys.stride(2), values.stride(2), scores.data(),
-                               acc.data());
+      for (int64_t i = 0; i < G * D; ++i) query[i] = to_float(q[pair * G * D + i]) * scale;
+      attend_pair<T, HEAD_DIM>(query.data(), k + b * k_b + h * k_h, v + b * v_b + h * v_h, valid + b * valid_b,
+                               out + pair * G * D, G, L, D, k_l, v_l, scores.data(), acc.data());
     }
-  });
+  }
 }
 
 template <typename T>
-static void dispatch_head_dim(const at::Tensor& q, const at::Tensor& keys, const at::Tensor& values,
-                              const at::Tensor& valid, at::Tensor& out, float scale) {
-  switch (q.size(3)) {
-    case 32: return decode_attention_kernel<T, 32>(q, keys, values, valid, out, scale);
-    case 64: return decode_attention_kernel<T, 64>(q, keys, values, valid, out, scale);
-    case 128: return decode_attention_kernel<T, 128>(q, keys, values, valid, out, scale);
-    case 256: return decode_attention_kernel<T, 256>(q, keys, values, valid, out, scale);
-    default: return decode_attention_kernel<T, 0>(q, keys, values, valid, out, scale);
+static void dispatch_head_dim(const T* q, const T* k, const T* v, const bool* valid, T* out, int64_t B, int64_t H,
+                              int64_t G, int64_t L, int64_t D, int64_t k_b, int64_t k_h, int64_t k_l, int64_t v_b,
+                              int64_t v_h, int64_t v_l, int64_t valid_b, float scale, int threads) {
+  switch (D) {
+    case 64: return decode_attention<T, 64>(q, k, v, valid, out, B, H, G, L, D, k_b, k_h, k_l, v_b, v_h, v_l,
+                                            valid_b, scale, threads);
+    case 128: return decode_attention<T, 128>(q, k, v, valid, out, B, H, G, L, D, k_b, k_h, k_l, v_b, v_h, v_l,
+                                              valid_b, scale, threads);
+    default: return decode_attention<T, 0>(q, k, v, valid, out, B, H, G, L, D, k_b, k_h, k_l, v_b, v_h, v_l,
+                                           valid_b, scale, threads);
   }
 }
 
-at::Tensor decode_attention(at::Tensor q, at::Tensor keys, at::Tensor values, at::Tensor valid,
-                               double scale) {
-  TORCH_CHECK(q.dim() == 4 && keys.dim() == 4 && values.dim() == 4, "q, keys, values must be 4-D");
-  TORCH_CHECK(keys.stride(3) == 1 && values.stride(3) == 1, "keys and values need a contiguous last dimension");
-  TORCH_CHECK(valid.scalar_type() == at::kBool && valid.stride(1) == 1, "valid must be bool, rows contiguous");
-  TORCH_CHECK(keys.scalar_type() == q.scalar_type() && values.scalar_type() == q.scalar_type(), "one dtype");
-  TORCH_CHECK(keys.size(0) == q.size(0) && keys.size(1) == q.size(1) && keys.size(3) == q.size(3) &&
-              values.sizes() == keys.sizes() && valid.size(0) == q.size(0) && valid.size(1) == keys.size(2),
-              "shapes: q [B, Hkv, G, D], keys and values [B, Hkv, L, D], valid [B, L]");
-  q = q.contiguous();
-  auto out = at::empty_like(q);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode_attention", [&] {
-    dispatch_head_dim<scalar_t>(q, keys, values, valid, out, static_cast<float>(scale));
-  });
-  return out;
+extern "C" {
+void decode_attention_float32(const float* q, const float* k, const float* v, const bool* valid, float* out,
+                              int64_t B, int64_t H, int64_t G, int64_t L, int64_t D, int64_t k_b, int64_t k_h,
+                              int64_t k_l, int64_t v_b, int64_t v_h, int64_t v_l, int64_t valid_b, float scale,
+                              int threads) {
+  dispatch_head_dim(q, k, v, valid, out, B, H, G, L, D, k_b, k_h, k_l, v_b, v_h, v_l, valid_b, scale, threads);
 }
-
-TORCH_LIBRARY(lit_opd, m) {
-  m.def("decode_attention(Tensor q, Tensor keys, Tensor values, Tensor valid, float scale) -> Tensor");
+void decode_attention_bfloat16(const bf16* q, const bf16* k, const bf16* v, const bool* valid, bf16* out,
+                               int64_t B, int64_t H, int64_t G, int64_t L, int64_t D, int64_t k_b, int64_t k_h,
+                               int64_t k_l, int64_t v_b, int64_t v_h, int64_t v_l, int64_t valid_b, float scale,
+                               int threads) {
+  dispatch_head_dim(q, k, v, valid, out, B, H, G, L, D, k_b, k_h, k_l, v_b, v_h, v_l, valid_b, scale, threads);
 }
-
-TORCH_LIBRARY_IMPL(lit_opd, CPU, m) { m.impl("decode_attention", &decode_attention); }
+}
 """
+# -ffast-math lets the compiler vectorise the dot products (reassociation) and exp (libmvec); the kernel
+# forms no infinity (masked scores are the lowest finite float) and reads no masked column.
+_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+_INT64_ARGS = 12  # B, H, G, L, D and the seven strides
+DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
-def load():
-    """The kernel as the operator torch.ops.lit_opd.decode_attention (CPU only, visible to the profiler),
-    or None (reason logged once) where it cannot be built."""
-    # -march=native code must not run on another CPU, nor a build against other torch headers: the
-    # build is named by this CPU's model and flags and the torch version.
-    key = hashlib.sha1(f"{platform.processor()}{_cpu_flags()}{torch.__version__}".encode()).hexdigest()[:10]
+def load() -> ctypes.CDLL | None:
+    """The compiled kernel library, or None (reason logged once) where it cannot be built."""
+    compiler = os.environ.get("CXX", "c++")
+    # -march=native code must not run on another CPU: the library is named by this CPU's model and flags.
+    key = hashlib.sha1("\0".join([_SOURCE, compiler, *_FLAGS, platform.processor(), _cpu_flags()]).encode())
+    directory = Path(os.environ.get("LIT_OPD_KERNEL_DIR", Path.home() / ".cache" / "lit_opd" / "kernels"))
+    library = directory / f"decode_attention_{key.hexdigest()[:16]}.so"
     try:
-        from torch.utils.cpp_extension import load_inline
-
-        log.info("loading the CPU decode-attention kernel (built once per machine, about a minute)")
-        load_inline(
-            name=f"lit_opd_decode_attention_{key}",
-            cpp_sources=[_SOURCE],
-            is_python_module=False,
-            # -ffast-math lets the compiler vectorise the dot products (reassociation) and exp (libmvec);
-            # the kernel forms no infinity (masked scores are the lowest finite float).
-            extra_cflags=["-O3", "-march=native", "-ffast-math", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-        )
-        return torch.ops.lit_opd.decode_attention
-    except Exception as error:  # no compiler, no ninja, a failed build: PyTorch's attention still works
-        log.warning("the CPU decode-attention kernel could not be built (%s); using PyTorch's attention", error)
+        if not library.exists():
+            _build(compiler, directory, library)
+        kernel = ctypes.CDLL(str(library))
+    except (OSError, subprocess.CalledProcessError) as error:
+        reason = getattr(error, "stderr", None) or error
+        log.warning("the CPU decode-attention kernel could not be built (%s); using PyTorch's attention", reason)
         return None
+    pointers, sizes = [ctypes.c_void_p] * 5, [ctypes.c_int64] * _INT64_ARGS
+    for dtype in DTYPES:
+        function = getattr(kernel, f"decode_attention_{str(dtype).removeprefix('torch.')}")
+        function.argtypes = [*pointers, *sizes, ctypes.c_float, ctypes.c_int]
+        function.restype = None
+    return kernel
+
+
+def _build(compiler: str, directory: Path, library: Path) -> None:
+    """Compile the kernel to `library`; a temporary name then a rename, so that processes building at
+    once never load a half-written file."""
+    log.info("building the CPU decode-attention kernel → %s", library)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        source, built = Path(scratch) / "decode_attention.cpp", Path(scratch) / "decode_attention.so"
+        source.write_text(_SOURCE)
+        subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built)], check=True, capture_output=True, text=True)
+        os.replace(built, library)
 
 
 def _cpu_flags() -> str:
@@ -171,18 +199,35 @@ def _cpu_flags() -> str:
 
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float) -> Tensor | None:
     """softmax(q kᵀ · scale, masked where not valid) v, or None where the kernel does not apply (not CPU,
-    mixed dtypes, a strided last dimension) or could not be built.
+    not float32 / bfloat16, mixed dtypes, a strided last dimension) or could not be built.
 
     q: [B, Hkv, G, D] (the G query heads that share a KV head); keys, values: [B, Hkv, L, D] with a
     contiguous last dimension (a prefix of a larger cache is fine); valid: [B, L] bool with contiguous
     rows and at least one True per row. Returns [B, Hkv, G, D] in q's dtype; sums are float32.
     """
     applies = (
-        q.device.type == "cpu"
+        q.device.type == keys.device.type == values.device.type == valid.device.type == "cpu"
+        and q.dtype in DTYPES
         and keys.dtype == values.dtype == q.dtype
+        and valid.dtype == torch.bool
         and keys.stride(-1) == values.stride(-1) == valid.stride(-1) == 1
     )
     kernel = load() if applies else None
     if kernel is None:
         return None
-    return kernel(q, keys, values, valid, scale)
+    B, H, G, D = q.shape
+    L = keys.shape[2]
+    if keys.shape != (B, H, L, D) or values.shape != keys.shape or valid.shape != (B, L):
+        raise ValueError(
+            "decode_attention expects q [B, Hkv, G, D], keys and values [B, Hkv, L, D], valid [B, L]; got "
+            f"q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}, valid {tuple(valid.shape)}"
+        )
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    function = getattr(kernel, f"decode_attention_{str(q.dtype).removeprefix('torch.')}")
+    function(
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), valid.data_ptr(), out.data_ptr(),
+        B, H, G, L, D, *keys.stride()[:3], *values.stride()[:3], valid.stride(0),
+        scale, torch.get_num_threads(),
+    )
+    return out
