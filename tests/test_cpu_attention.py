@@ -3,6 +3,7 @@ and without a compiled specialisation, cache prefixes, bfloat16, threads; its bu
 fallback when it cannot be built."""
 
 import logging
+import sys
 
 import pytest
 import torch
@@ -106,6 +107,14 @@ def test_a_failed_build_falls_back_and_says_why_once(monkeypatch, tmp_path, capl
         assert len(warnings) == 1 and "no-such-compiler" in warnings[0]
     finally:
         cpu_attention.load.cache_clear()
+
+
+def test_loading_the_kernel_keeps_subnormal_floats():
+    """A library linked with -ffast-math would switch on flush-to-zero for the whole process."""
+    assert cpu_attention.load() is not None
+    tiny = sys.float_info.min
+    assert tiny / 2 > 0
+    assert torch.tensor(tiny, dtype=torch.float64).div(2).item() > 0
 
 
 def test_builds_into_the_kernel_dir_and_reuses_the_library(monkeypatch, tmp_path):

@@ -147,8 +147,10 @@ void decode_attention_bfloat16(const bf16* q, const bf16* k, const bf16* v, cons
 }
 """
 # -ffast-math lets the compiler vectorise the dot products (reassociation) and exp (libmvec); the kernel
-# forms no infinity (masked scores are the lowest finite float) and reads no masked column.
-_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-shared", "-fPIC", "-std=c++17"]
+# forms no infinity (masked scores are the lowest finite float) and reads no masked column. It is for
+# compiling only: linked with -ffast-math, a library sets flush-to-zero for the whole process on load.
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
+_LINK_FLAGS = ["-shared", "-fopenmp"]
 _INT64_ARGS = 12  # B, H, G, L, D and the seven strides
 DTYPES = (torch.float32, torch.bfloat16)
 
@@ -158,7 +160,9 @@ def load() -> ctypes.CDLL | None:
     """The compiled kernel library, or None (reason logged once) where it cannot be built."""
     compiler = os.environ.get("CXX", "c++")
     # -march=native code must not run on another CPU: the library is named by this CPU's model and flags.
-    key = hashlib.sha1("\0".join([_SOURCE, compiler, *_FLAGS, platform.processor(), _cpu_flags()]).encode())
+    key = hashlib.sha1(
+        "\0".join([_SOURCE, compiler, *_COMPILE_FLAGS, *_LINK_FLAGS, platform.processor(), _cpu_flags()]).encode()
+    )
     directory = Path(os.environ.get("LIT_OPD_KERNEL_DIR", Path.home() / ".cache" / "lit_opd" / "kernels"))
     library = directory / f"decode_attention_{key.hexdigest()[:16]}.so"
     try:
@@ -185,7 +189,12 @@ def _build(compiler: str, directory: Path, library: Path) -> None:
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
         source, built = Path(scratch) / "decode_attention.cpp", Path(scratch) / "decode_attention.so"
         source.write_text(_SOURCE)
-        subprocess.run([compiler, *_FLAGS, str(source), "-o", str(built)], check=True, capture_output=True, text=True)
+        compiled = source.with_suffix(".o")
+        for command in (
+            [compiler, *_COMPILE_FLAGS, "-c", str(source), "-o", str(compiled)],
+            [compiler, *_LINK_FLAGS, str(compiled), "-o", str(built)],
+        ):
+            subprocess.run(command, check=True, capture_output=True, text=True)
         os.replace(built, library)
 
 
