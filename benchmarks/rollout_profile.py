@@ -18,14 +18,13 @@ and every decode step's projections and MLP, the LM head at the last position; n
 
 import argparse
 import json
-import time
 
 import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
 from lit_opd.rollout import cpu_attention
-from rollout import SHAPES, build, generate_fn
+from rollout import SHAPES, build, generate_fn, timed
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 
@@ -40,15 +39,16 @@ def profiled_kernel(kernel):
     return wrapped
 
 
+def best_wall_s(call, repeats: int) -> float:
+    """Best wall seconds of `repeats` calls, after one untimed warm-up call."""
+    call()
+    return round(min(timed(call, "cpu")[0] for _ in range(repeats)), 3)
+
+
 def profile_engine(engine: str, shape: dict, repeats: int) -> dict[str, float]:
     model, ids, mask = build(shape)
     generate = generate_fn(engine, model, ids, mask, shape["new_tokens"])
-    generate()
-    walls = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        generate()
-        walls.append(time.perf_counter() - started)
+    wall = best_wall_s(generate, repeats)
     kernel = cpu_attention.decode_attention
     cpu_attention.decode_attention = profiled_kernel(kernel)
     try:
@@ -61,7 +61,7 @@ def profile_engine(engine: str, shape: dict, repeats: int) -> dict[str, float]:
     attention = sum(value for name, value in seconds.items() if "attention" in name)
     total = sum(seconds.values())
     return {
-        "wall_s": round(min(walls), 3),
+        "wall_s": wall,
         "matmul_s": round(matmul, 3),
         "attention_s": round(attention, 3),
         "other_s": round(total - matmul - attention, 3),
@@ -98,13 +98,7 @@ def weight_matmuls_s(shape: dict, repeats: int) -> float:
             matmuls(B)
 
     with torch.no_grad():
-        call()
-        walls = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            call()
-            walls.append(time.perf_counter() - started)
-    return round(min(walls), 3)
+        return best_wall_s(call, repeats)
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ import os
 import platform
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -156,8 +157,9 @@ DTYPES = (torch.float32, torch.bfloat16)
 
 
 @functools.cache
-def load() -> ctypes.CDLL | None:
-    """The compiled kernel library, or None (reason logged once) where it cannot be built."""
+def load() -> dict[torch.dtype, Callable[..., None]] | None:
+    """The compiled kernel's entry point per dtype of DTYPES, or None (reason logged once) where it cannot
+    be built."""
     compiler = os.environ.get("CXX", "c++")
     # -march=native code must not run on another CPU: the library is named by this CPU's model and flags.
     key = hashlib.sha1(
@@ -174,11 +176,13 @@ def load() -> ctypes.CDLL | None:
         log.warning("the CPU decode-attention kernel could not be built (%s); using PyTorch's attention", reason)
         return None
     pointers, sizes = [ctypes.c_void_p] * 5, [ctypes.c_int64] * _INT64_ARGS
+    functions = {}
     for dtype in DTYPES:
         function = getattr(kernel, f"decode_attention_{str(dtype).removeprefix('torch.')}")
         function.argtypes = [*pointers, *sizes, ctypes.c_float, ctypes.c_int]
         function.restype = None
-    return kernel
+        functions[dtype] = function
+    return functions
 
 
 def _build(compiler: str, directory: Path, library: Path) -> None:
@@ -221,8 +225,8 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, sca
         and valid.dtype == torch.bool
         and keys.stride(-1) == values.stride(-1) == valid.stride(-1) == 1
     )
-    kernel = load() if applies else None
-    if kernel is None:
+    kernels = load() if applies else None
+    if kernels is None:
         return None
     B, H, G, D = q.shape
     L = keys.shape[2]
@@ -233,8 +237,7 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, sca
         )
     q = q.contiguous()
     out = torch.empty_like(q)
-    function = getattr(kernel, f"decode_attention_{str(q.dtype).removeprefix('torch.')}")
-    function(
+    kernels[q.dtype](
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), valid.data_ptr(), out.data_ptr(),
         B, H, G, L, D, *keys.stride()[:3], *values.stride()[:3], valid.stride(0),
         scale, torch.get_num_threads(),

@@ -369,8 +369,8 @@ class StaticCacheEngine(RolloutEngine):
     done_check_interval: on CUDA, tokens between checks whether every row has stopped (each check waits
         for the device); on CPU the check is every token, where it costs nothing.
     cpu_decode_kernel: on CPU, decode steps attend with the C++ kernel of `lit_opd.rollout.cpu_attention`
-        (built on first use, about 3× faster than PyTorch's CPU attention at one query per row); where it
-        does not apply or cannot be built, with PyTorch's attention.
+        (built on first use, two to three times faster than PyTorch's CPU attention at one query per row);
+        where it does not apply or cannot be built, with PyTorch's attention.
     """
 
     def __init__(
@@ -414,7 +414,8 @@ class StaticCacheEngine(RolloutEngine):
         if not bool(prompt_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded: the last column of prompt_mask must be all True")
         generator = _on_device(generator, prompt_ids.device)
-        args = (_Decoder(model, self.cpu_decode_kernel), prompt_ids, prompt_mask, sampling, list(eos_token_ids), pad_token_id, generator)
+        decoder = _Decoder(model, self.cpu_decode_kernel)
+        args = (decoder, prompt_ids, prompt_mask, sampling, list(eos_token_ids), pad_token_id, generator)
         with torch.no_grad():
             if self.cuda_graphs and prompt_ids.device.type == "cuda" and sampling.max_new_tokens > 1:
                 return self._generate_graphed(*args)
