@@ -369,8 +369,8 @@ class StaticCacheEngine(RolloutEngine):
     done_check_interval: on CUDA, tokens between checks whether every row has stopped (each check waits
         for the device); on CPU the check is every token, where it costs nothing.
     cpu_decode_kernel: on CPU, decode steps attend with the C++ kernel of `lit_opd.rollout.cpu_attention`
-        (built on first use, two to three times faster than PyTorch's CPU attention at one query per row);
-        where it does not apply or cannot be built, with PyTorch's attention.
+        (built on first use; 1.14–1.23× the engine's tokens/s with PyTorch's attention in
+        benchmarks/rollout.py); where it does not apply or cannot be built, with PyTorch's attention.
     """
 
     def __init__(
