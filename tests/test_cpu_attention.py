@@ -92,6 +92,8 @@ def test_shape_mismatches_are_named():
     q, keys, values, valid = random_case()
     with pytest.raises(ValueError, match=r"valid \[B, L\]; got .* valid \(3, 12\)"):
         cpu_attention.decode_attention(q, keys, values, valid[:, 1:], 0.125)
+    with pytest.raises(ValueError, match=r"got q \(3, 2, 128\)"):
+        cpu_attention.decode_attention(q.flatten(2), keys, values, valid, 0.125)
 
 
 def test_a_failed_build_falls_back_and_says_why_once(monkeypatch, tmp_path, caplog):

@@ -210,6 +210,15 @@ def _cpu_flags() -> str:
         return ""
 
 
+def _shapes_match(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor) -> bool:
+    """q [B, Hkv, G, D], keys and values [B, Hkv, L, D], valid [B, L]."""
+    if q.dim() != 4 or keys.dim() != 4:
+        return False
+    B, H, _, D = q.shape
+    L = keys.shape[2]
+    return keys.shape == (B, H, L, D) and values.shape == keys.shape and valid.shape == (B, L)
+
+
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float) -> Tensor | None:
     """softmax(q kᵀ · scale, masked where not valid) v, or None where the kernel does not apply (not CPU,
     not float32 / bfloat16, mixed dtypes, a strided last dimension) or could not be built.
@@ -228,13 +237,13 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, sca
     kernels = load() if applies else None
     if kernels is None:
         return None
-    B, H, G, D = q.shape
-    L = keys.shape[2]
-    if keys.shape != (B, H, L, D) or values.shape != keys.shape or valid.shape != (B, L):
+    if not _shapes_match(q, keys, values, valid):
         raise ValueError(
             "decode_attention expects q [B, Hkv, G, D], keys and values [B, Hkv, L, D], valid [B, L]; got "
             f"q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}, valid {tuple(valid.shape)}"
         )
+    B, H, G, D = q.shape
+    L = keys.shape[2]
     q = q.contiguous()
     out = torch.empty_like(q)
     kernels[q.dtype](
