@@ -1,8 +1,8 @@
 """Rollout throughput: HF `generate` (dynamic cache), HF `generate` (static cache; on CUDA HF then
-compiles the forward itself) and the fast engine (`StaticCacheEngine`: eager; on CPU also with
-PyTorch's attention instead of its decode-attention kernel, `fast_torch_attention`; on CUDA also with
-CUDA graphs), on random-weight Qwen3 models, sampling at temperature 1 with no EOS so that every row
-generates exactly `new_tokens` tokens.
+compiles the forward itself) and the fast engine (`StaticCacheEngine`: eager; on CPU also on PyTorch's
+ops instead of its C++ decode kernels, `fast_pytorch_ops`; on CUDA also with CUDA graphs), on
+random-weight Qwen3 models, sampling at temperature 1 with no EOS so that every row generates exactly
+`new_tokens` tokens.
 
 Shapes: "cpu" (4 layers, width 256, vocab 512, batch 64, prompt 32, 128 new tokens, float32) and
 "cpu-bf16" (the same in bfloat16, every engine) always;
@@ -61,7 +61,7 @@ SHAPES = {
     },
 }
 ENGINES = {
-    "cpu": ["hf_dynamic", "hf_static", "fast", "fast_torch_attention"],
+    "cpu": ["hf_dynamic", "hf_static", "fast", "fast_pytorch_ops"],
     "cuda": ["hf_dynamic", "hf_static", "fast", "fast_cuda_graphs"],
 }
 
@@ -91,7 +91,7 @@ def generate_fn(engine: str, model, ids, mask, new_tokens: int):
 
         return run
     fast = StaticCacheEngine(
-        cuda_graphs=engine == "fast_cuda_graphs", cpu_decode_kernel=engine != "fast_torch_attention"
+        cuda_graphs=engine == "fast_cuda_graphs", cpu_decode_kernels=engine != "fast_pytorch_ops"
     )
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
     generator = torch.Generator(device=ids.device).manual_seed(0)

@@ -4,7 +4,8 @@ shape of benchmarks/rollout.py, under the PyTorch profiler. Prints one JSON obje
   matmul_s     profiled self CPU seconds of aten::mm / addmm / bmm (the weight and attention matmuls
                that are not inside an attention kernel);
   attention_s  profiled self CPU seconds of the ops whose name contains "attention" (SDPA kernels, and
-               the engine's CPU kernel, which this script wraps in a profiler range of that name);
+               the engine's C++ attention kernels, which this script wraps in profiler ranges
+               "lit_opd::<kernel name>", as it does the engine's other C++ kernels);
   other_s      every other op's profiled self CPU seconds;
   profiled_s   their sum (the profiler adds its own overhead, so it exceeds wall_s).
 and, measured in the same process, "weight_matmuls_s": the call's weight matmuls alone (the prefill's
@@ -23,17 +24,19 @@ import torch
 import torch.nn.functional as F
 from torch.profiler import profile
 
-from lit_opd.rollout import cpu_attention
+from lit_opd.rollout import cpu_kernels
 from rollout import SHAPES, build, generate_fn, timed
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
+KERNELS = ("decode_attention", "decode_layer_attention", "add_rms_norm", "silu_mul", "sample_tokens")
 
 
-def profiled_kernel(kernel):
-    """`kernel` inside a profiler range "lit_opd::decode_attention" (the C++ kernel is no torch op)."""
+def profiled_kernel(name: str):
+    """cpu_kernels.<name> inside a profiler range "lit_opd::<name>" (the C++ kernels are no torch ops)."""
+    kernel = getattr(cpu_kernels, name)
 
     def wrapped(*args):
-        with torch.profiler.record_function("lit_opd::decode_attention"):
+        with torch.profiler.record_function(f"lit_opd::{name}"):
             return kernel(*args)
 
     return wrapped
@@ -49,13 +52,15 @@ def profile_engine(engine: str, shape: dict, repeats: int) -> dict[str, float]:
     model, ids, mask = build(shape)
     generate = generate_fn(engine, model, ids, mask, shape["new_tokens"])
     wall = best_wall_s(generate, repeats)
-    kernel = cpu_attention.decode_attention
-    cpu_attention.decode_attention = profiled_kernel(kernel)
+    kernels = {name: getattr(cpu_kernels, name) for name in KERNELS}
+    for name in KERNELS:
+        setattr(cpu_kernels, name, profiled_kernel(name))
     try:
         with profile() as profiler:
             generate()
     finally:
-        cpu_attention.decode_attention = kernel
+        for name, kernel in kernels.items():
+            setattr(cpu_kernels, name, kernel)
     seconds = {event.key: event.self_cpu_time_total / 1e6 for event in profiler.key_averages()}
     matmul = sum(seconds.get(name, 0.0) for name in MATMULS)
     attention = sum(value for name, value in seconds.items() if "attention" in name)

@@ -11,6 +11,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import lit_opd.rollout.fast as fast_module
+from lit_opd.rollout import cpu_kernels
 from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig
 from lit_opd.rollout.fast import StaticCacheEngine, sample_tokens, unsupported_reason
 
@@ -242,6 +243,26 @@ def test_a_seeded_generator_gives_the_same_rollouts():
     other = generate(engine, model, prompts, sampling, seed=2)
     assert torch.equal(first.response_ids, again.response_ids) and torch.equal(first.logp, again.logp)
     assert not torch.equal(first.response_ids, other.response_ids)
+
+
+@pytest.mark.skipif(cpu_kernels.load() is None, reason="no C++ toolchain to build the CPU kernels")
+@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
+def test_the_fused_cpu_decode_step_gives_the_rollouts_of_pytorch_ops(family):
+    """The default CPU decode step (C++ kernels) against the same engine on PyTorch ops: same tokens from
+    the same seed, with top-p, EOS and left padding; the fused step is not taken where it does not apply."""
+    model = build(family, seed=12)
+    prompts = left_padded_prompts([4, 9, 2, 6], seed=14)
+    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.9)
+    decoder, cpu = fast_module._Decoder(model, cpu_kernel=True), torch.device("cpu")
+    assert decoder.fuses_cpu_decode(cpu)
+    assert not fast_module._Decoder(model, cpu_kernel=False).fuses_cpu_decode(cpu)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not decoder.fuses_cpu_decode(cpu)
+    fused = generate(StaticCacheEngine(), model, prompts, sampling, eos=[7, 11], seed=3)
+    ops = generate(StaticCacheEngine(cpu_decode_kernels=False), model, prompts, sampling, eos=[7, 11], seed=3)
+    assert torch.equal(fused.response_ids, ops.response_ids) and torch.equal(fused.response_mask, ops.response_mask)
+    torch.testing.assert_close(fused.logp, ops.logp, atol=1e-5, rtol=0)
+    torch.testing.assert_close(fused.sample_logp, ops.sample_logp, atol=1e-5, rtol=0)
 
 
 def test_sample_tokens_greedy_and_top_k_one_agree():

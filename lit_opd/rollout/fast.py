@@ -7,8 +7,8 @@ then one decode step per token appends to it. Sampling (temperature → top-k �
 of HF `generate`) draws with the exponential race argmax_v q_v / E_v, E_v ~ Exp(1), from the
 caller's generator, so no step reads a value back to the host; whether every row has stopped is
 checked every token on CPU and every `done_check_interval` tokens on CUDA. On CUDA the decode step
-can be captured in CUDA graphs (`cuda_graphs=True`) and replayed per token; on CPU its attention runs
-in a C++ kernel (`lit_opd.rollout.cpu_attention`). Architectures, RoPE
+can be captured in CUDA graphs (`cuda_graphs=True`) and replayed per token; on CPU everything but its
+weight matmuls runs in C++ kernels (`lit_opd.rollout.cpu_kernels`). Architectures, RoPE
 types or attention patterns it does not implement go to HF `generate`, with one logged warning.
 """
 
@@ -19,12 +19,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_opd.rollout import cpu_attention
+from lit_opd.rollout import cpu_kernels
 from lit_opd.rollout.engine import Generation, HFGenerateEngine, RolloutEngine, SamplingConfig
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+# MLP activations the fused CPU decode step implements (others decode with PyTorch ops).
+SILU = ("silu", "swish")
 # RoPE types whose inverse frequencies do not depend on the sequence length: one table serves all positions.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -117,6 +119,7 @@ class _Decoder:
         self.num_kv_heads = config.num_key_value_heads
         self.dtype = self.embed.dtype
         self.cpu_kernel = cpu_kernel
+        self.silu = config.hidden_act in SILU
 
     def weights(self) -> list[Tensor]:
         """Every tensor the forward reads (its addresses key a captured CUDA graph)."""
@@ -125,6 +128,19 @@ class _Decoder:
             for value in vars(layer).values():
                 tensors.extend(value if isinstance(value, tuple) else (value,))
         return [t for t in tensors if t is not None]
+
+    def fuses_cpu_decode(self, device: torch.device) -> bool:
+        """Whether decode steps run through the C++ kernels of `cpu_kernels` (`decode_cpu`): on CPU with
+        the kernels on and built, no autocast, a SiLU MLP and every weight in one dtype they implement."""
+        return (
+            self.cpu_kernel
+            and device.type == "cpu"
+            and not torch.is_autocast_enabled("cpu")
+            and self.silu
+            and self.dtype in cpu_kernels.DTYPES
+            and all(t.device.type == "cpu" and t.dtype == self.dtype for t in self.weights())
+            and cpu_kernels.load() is not None
+        )
 
     def rope_tables(self, length: int, device: torch.device) -> tuple[Tensor, Tensor]:
         """cos, sin_signed: [length, D] for positions 0..length−1, from the model's own rotary module."""
@@ -161,6 +177,26 @@ class _Decoder:
         h = rms_norm(x[:, -1], self.final_norm, self.eps)
         return F.linear(h, *self.lm_head).float()
 
+    def decode_cpu(self, tokens: Tensor, positions: Tensor, cache: "_KVCache", slot: int, kv_len: int) -> Tensor:
+        """`forward` for one new token per row, with everything but the matmuls in `cpu_kernels`: per layer
+        one call for the residual add and RMSNorm, one for q/k-norm, RoPE, the cache write and attention,
+        one for the SiLU gating. tokens, positions: [B, 1]; slot: the cache column of the new token.
+        Returns the logits [B, V] float32."""
+        x = F.embedding(tokens[:, 0], self.embed)
+        delta = None
+        for index, layer in enumerate(self.layers):
+            h = cpu_kernels.add_rms_norm(x, delta, layer.input_norm, self.eps)
+            attention = cpu_kernels.decode_layer_attention(
+                F.linear(h, *layer.q_proj), F.linear(h, *layer.k_proj), F.linear(h, *layer.v_proj),
+                layer.q_norm, layer.k_norm, cache.cos, cache.sin_signed, positions, cache.keys[index],
+                cache.values[index], cache.valid, slot, kv_len, self.scaling, self.eps,
+            )
+            h = cpu_kernels.add_rms_norm(x, F.linear(attention, *layer.o_proj), layer.post_norm, self.eps)
+            gated = cpu_kernels.silu_mul(F.linear(h, *layer.gate_proj), F.linear(h, *layer.up_proj))
+            delta = F.linear(gated, *layer.down_proj)
+        h = cpu_kernels.add_rms_norm(x, delta, self.final_norm, self.eps)
+        return F.linear(h, *self.lm_head).float()
+
     def _attention(self, q: Tensor, keys: Tensor, values: Tensor, attend: Tensor) -> Tensor:
         """softmax(q kᵀ · scaling + mask) v per head. q: [B, S, H, D]; keys, values: [B, Hkv, L, D].
         Returns [B, S, H, D]. A single query packs its H heads as Hkv groups of H/Hkv queries, so grouped
@@ -170,7 +206,7 @@ class _Decoder:
             grouped = q.view(B, self.num_kv_heads, H // self.num_kv_heads, D)
             out = None
             if self.cpu_kernel:
-                out = cpu_attention.decode_attention(grouped, keys, values, attend[:, 0, 0], self.scaling)
+                out = cpu_kernels.decode_attention(grouped, keys, values, attend[:, 0, 0], self.scaling)
             if out is None:
                 out = F.scaled_dot_product_attention(grouped, keys, values, attn_mask=attend, scale=self.scaling)
             return out.view(B, 1, H, D)
@@ -263,6 +299,7 @@ class _Rollout:
         device: torch.device,
     ):
         self.decoder, self.sampling, self.pad_token_id = decoder, sampling, pad_token_id
+        self.fused = decoder.fuses_cpu_decode(device)
         self.prompt_len, self.max_new = prompt_len, sampling.max_new_tokens
         # The last sampled token is never fed back, so the cache needs P + N − 1 columns.
         self.cache = _KVCache(decoder, batch, prompt_len + self.max_new - 1, device)
@@ -314,12 +351,22 @@ class _Rollout:
         self.positions += 1
         slot = self.step + (self.prompt_len - 1)
         self.cache.valid.index_fill_(1, slot, True)
-        attend = self.cache.valid[:, None, None, :kv_len]
-        logits = self.decoder.forward(self.tokens, self.positions, self.cache, slot, kv_len, attend)
+        if self.fused:
+            logits = self.decoder.decode_cpu(self.tokens, self.positions, self.cache, int(slot), kv_len)
+        else:
+            attend = self.cache.valid[:, None, None, :kv_len]
+            logits = self.decoder.forward(self.tokens, self.positions, self.cache, slot, kv_len, attend)
         self.sample(logits)
 
     def sample(self, logits: Tensor) -> None:
         """Sample response token s for every row; finished rows get padding, log-probs 0 and a False mask."""
+        if self.fused:
+            s = self.sampling
+            cpu_kernels.sample_tokens(
+                logits, self.uniform, s.temperature, s.top_k, s.top_p, self.done, self.eos, self.pad_token_id,
+                int(self.step), self.out_ids, self.out_mask, self.out_logp, self.out_sample_logp, self.tokens,
+            )
+            return
         tokens, logp, sample_logp = sample_tokens(logits, self.sampling, self.uniform)
         tokens = tokens.masked_fill(self.done, self.pad_token_id)
         self.out_ids.index_copy_(1, self.step, tokens[:, None])
@@ -368,9 +415,10 @@ class StaticCacheEngine(RolloutEngine):
         are left-padded to a multiple of `prompt_bucket` so that new prompt lengths rarely force a capture.
     done_check_interval: on CUDA, tokens between checks whether every row has stopped (each check waits
         for the device); on CPU the check is every token, where it costs nothing.
-    cpu_decode_kernel: on CPU, decode steps attend with the C++ kernel of `lit_opd.rollout.cpu_attention`
-        (built on first use; 1.14–1.23× the engine's tokens/s with PyTorch's attention in
-        benchmarks/rollout.py); where it does not apply or cannot be built, with PyTorch's attention.
+    cpu_decode_kernels: on CPU, decode steps run everything but the weight matmuls in the C++ kernels of
+        `lit_opd.rollout.cpu_kernels` (built on first use; see benchmarks/rollout.py for the gain over the
+        same engine on PyTorch ops); under autocast only the attention does; where they do not apply or
+        cannot be built, PyTorch's ops.
     """
 
     def __init__(
@@ -379,7 +427,7 @@ class StaticCacheEngine(RolloutEngine):
         done_check_interval: int = 16,
         prompt_bucket: int = 64,
         graph_kv_bucket: int = 256,
-        cpu_decode_kernel: bool = True,
+        cpu_decode_kernels: bool = True,
     ):
         for name, value in (
             ("done_check_interval", done_check_interval),
@@ -389,7 +437,7 @@ class StaticCacheEngine(RolloutEngine):
             if value < 1:
                 raise ValueError(f"{name} must be ≥ 1, got {value}")
         self.cuda_graphs = cuda_graphs
-        self.cpu_decode_kernel = cpu_decode_kernel
+        self.cpu_decode_kernels = cpu_decode_kernels
         self.done_check_interval = done_check_interval
         self.prompt_bucket = prompt_bucket
         self.graph_kv_bucket = graph_kv_bucket
@@ -414,7 +462,7 @@ class StaticCacheEngine(RolloutEngine):
         if not bool(prompt_mask[:, -1].all()):
             raise ValueError("prompts must be left-padded: the last column of prompt_mask must be all True")
         generator = _on_device(generator, prompt_ids.device)
-        decoder = _Decoder(model, self.cpu_decode_kernel)
+        decoder = _Decoder(model, self.cpu_decode_kernels)
         args = (decoder, prompt_ids, prompt_mask, sampling, list(eos_token_ids), pad_token_id, generator)
         with torch.no_grad():
             if self.cuda_graphs and prompt_ids.device.type == "cuda" and sampling.max_new_tokens > 1:

@@ -1,0 +1,246 @@
+"""The fast engine's decode step on CPU: attention, RMSNorm, SiLU gating and sampling in small C++ kernels
+built on first use (`cpu_kernels.cpp` beside this file).
+
+With one new token per row a decode step's arithmetic outside the weight matmuls is tiny, and done as
+PyTorch ops it is ~250 dispatches of a few microseconds each, single-threaded at these sizes: on the
+benchmark's CPU shape that was a third of a rollout call. Each kernel here does one such group in one
+OpenMP loop over rows (or (row, KV head) pairs) with torch.get_num_threads() threads:
+  decode_layer_attention  q/k RMSNorm, RoPE, the KV-cache write and attention of one layer;
+  add_rms_norm            the residual add and the next RMSNorm;
+  silu_mul                silu(gate) · up;
+  sample_tokens           temperature, top-k, top-p, the draw, both log-probs, EOS and the output writes;
+  decode_attention        attention alone (the engine's path under autocast).
+Each rounds where HF's PyTorch ops round (bfloat16 results are rounded to nearest even at the same
+points); sums are float32.
+
+The kernels are plain C++ with no torch headers: on first use they are compiled with the system C++
+compiler (`$CXX`, default `c++`; a few seconds) into LIT_OPD_KERNEL_DIR (default
+~/.cache/lit_opd/kernels), named by a hash of the source, flags and this CPU's model, and loaded with
+ctypes; they link to the OpenMP runtime torch has already loaded. Where they cannot be built, `load()`
+returns None with the reason logged once and the engine uses PyTorch's ops instead.
+"""
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+# -ffast-math lets the compiler vectorise the dot products (reassociation) and exp (libmvec); the kernel
+# forms no infinity (masked scores are the lowest finite float) and reads no masked column. It is for
+# compiling only: linked with -ffast-math, a library sets flush-to-zero for the whole process on load.
+_COMPILE_FLAGS = ["-O3", "-march=native", "-ffast-math", "-fopenmp", "-fPIC", "-std=c++17"]
+_LINK_FLAGS = ["-shared", "-fopenmp"]
+DTYPES = (torch.float32, torch.bfloat16)
+_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
+_SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
+_POINTER, _INT, _FLOAT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+# Argument types of each entry point (the per-dtype ones end in _float32 / _bfloat16); the last is threads.
+_SIGNATURES = {
+    "decode_attention": [_POINTER] * 5 + [_INT] * 12 + [_FLOAT],
+    "decode_layer_attention": [_POINTER] * 12 + [_INT] * 7 + [_FLOAT] * 2,
+    "add_rms_norm": [_POINTER] * 4 + [_INT] * 2 + [_FLOAT],
+    "silu_mul": [_POINTER] * 2 + [_INT],
+}
+_SAMPLE_SIGNATURE = [_POINTER, _POINTER, _INT, _INT, _FLOAT, _INT, _FLOAT, _POINTER, _POINTER] + [_INT] * 4 + [_POINTER] * 5
+
+
+@functools.cache
+def load() -> dict[str, Callable[..., None]] | None:
+    """The compiled kernels' entry points by name ("add_rms_norm_float32", ..., "sample_tokens"), or None
+    (reason logged once) where they cannot be built."""
+    compiler = os.environ.get("CXX", "c++")
+    source = _SOURCE.read_text()
+    # -march=native code must not run on another CPU: the library is named by this CPU's model and flags.
+    key = hashlib.sha1(
+        "\0".join([source, compiler, *_COMPILE_FLAGS, *_LINK_FLAGS, platform.processor(), _cpu_flags()]).encode()
+    )
+    directory = Path(os.environ.get("LIT_OPD_KERNEL_DIR", Path.home() / ".cache" / "lit_opd" / "kernels"))
+    library = directory / f"cpu_kernels_{key.hexdigest()[:16]}.so"
+    try:
+        if not library.exists():
+            _build(compiler, source, directory, library)
+        kernels = ctypes.CDLL(str(library))
+    except (OSError, subprocess.CalledProcessError) as error:
+        reason = getattr(error, "stderr", None) or error
+        log.warning("the CPU decode kernels could not be built (%s); using PyTorch's ops", reason)
+        return None
+    signatures = {"sample_tokens": _SAMPLE_SIGNATURE} | {
+        f"{name}_{_NAMES[dtype]}": arguments for name, arguments in _SIGNATURES.items() for dtype in DTYPES
+    }
+    functions = {}
+    for name, arguments in signatures.items():
+        function = getattr(kernels, name)
+        function.argtypes = [*arguments, ctypes.c_int]
+        function.restype = None
+        functions[name] = function
+    return functions
+
+
+def _build(compiler: str, source: str, directory: Path, library: Path) -> None:
+    """Compile `source` to `library`; a temporary name then a rename, so that processes building at
+    once never load a half-written file."""
+    log.info("building the CPU decode kernels → %s", library)
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=directory) as scratch:
+        built = Path(scratch) / "cpu_kernels.so"
+        compiled = Path(scratch) / "cpu_kernels.o"
+        (Path(scratch) / "cpu_kernels.cpp").write_text(source)
+        for command in (
+            [compiler, *_COMPILE_FLAGS, "-c", str(Path(scratch) / "cpu_kernels.cpp"), "-o", str(compiled)],
+            [compiler, *_LINK_FLAGS, str(compiled), "-o", str(built)],
+        ):
+            subprocess.run(command, check=True, capture_output=True, text=True)
+        os.replace(built, library)
+
+
+def _cpu_flags() -> str:
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return ""
+
+
+def _shapes_match(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor) -> bool:
+    """q [B, Hkv, G, D], keys and values [B, Hkv, L, D], valid [B, L]."""
+    if q.dim() != 4 or keys.dim() != 4:
+        return False
+    B, H, _, D = q.shape
+    L = keys.shape[2]
+    return keys.shape == (B, H, L, D) and values.shape == keys.shape and valid.shape == (B, L)
+
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, scale: float) -> Tensor | None:
+    """softmax(q kᵀ · scale, masked where not valid) v, or None where the kernel does not apply (not CPU,
+    not float32 / bfloat16, mixed dtypes, a strided last dimension) or could not be built.
+
+    q: [B, Hkv, G, D] (the G query heads that share a KV head); keys, values: [B, Hkv, L, D] with a
+    contiguous last dimension (a prefix of a larger cache is fine); valid: [B, L] bool with contiguous
+    rows and at least one True per row. Returns [B, Hkv, G, D] in q's dtype; sums are float32.
+    """
+    applies = (
+        q.device.type == keys.device.type == values.device.type == valid.device.type == "cpu"
+        and q.dtype in DTYPES
+        and keys.dtype == values.dtype == q.dtype
+        and valid.dtype == torch.bool
+        and keys.stride(-1) == values.stride(-1) == valid.stride(-1) == 1
+    )
+    kernels = load() if applies else None
+    if kernels is None:
+        return None
+    if not _shapes_match(q, keys, values, valid):
+        raise ValueError(
+            "decode_attention expects q [B, Hkv, G, D], keys and values [B, Hkv, L, D], valid [B, L]; got "
+            f"q {tuple(q.shape)}, keys {tuple(keys.shape)}, values {tuple(values.shape)}, valid {tuple(valid.shape)}"
+        )
+    B, H, G, D = q.shape
+    L = keys.shape[2]
+    q = q.contiguous()
+    out = torch.empty_like(q)
+    kernels[f"decode_attention_{_NAMES[q.dtype]}"](
+        q.data_ptr(), keys.data_ptr(), values.data_ptr(), valid.data_ptr(), out.data_ptr(),
+        B, H, G, L, D, *keys.stride()[:3], *values.stride()[:3], valid.stride(0),
+        scale, torch.get_num_threads(),
+    )
+    return out
+
+
+def _pointer(tensor: Tensor | None) -> int | None:
+    return None if tensor is None else tensor.data_ptr()
+
+
+# The fused decode step. These take what the engine passes, checked once per rollout by the engine: CPU
+# tensors of one dtype of DTYPES, contiguous, and a built library (load() is not None).
+
+
+def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> Tensor:
+    """x ← x + delta in place (skipped when delta is None), then returns weight · x / sqrt(mean(x²) + eps),
+    normalised in float32 and cast back before the scale, as HF's RMSNorm. x, delta: [rows, n]; weight: [n]."""
+    out = torch.empty_like(x)
+    load()[f"add_rms_norm_{_NAMES[x.dtype]}"](
+        x.data_ptr(), _pointer(delta), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps,
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
+    """gate ← silu(gate) · up in place (silu rounded to the dtype first, as HF's MLP), returned."""
+    load()[f"silu_mul_{_NAMES[gate.dtype]}"](gate.data_ptr(), up.data_ptr(), gate.numel(), torch.get_num_threads())
+    return gate
+
+
+def decode_layer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    q_norm: Tensor | None,
+    k_norm: Tensor | None,
+    cos: Tensor,
+    sin_signed: Tensor,
+    positions: Tensor,
+    cache_keys: Tensor,
+    cache_values: Tensor,
+    valid: Tensor,
+    slot: int,
+    kv_len: int,
+    scale: float,
+    eps: float,
+) -> Tensor:
+    """One layer's attention for one new token per row. The new keys are RMS-normed by k_norm (if given),
+    rotated to `positions` and written with the values to cache column `slot`; the queries are normed by
+    q_norm and rotated alike; then softmax(q kᵀ · scale) v over cache columns 0..kv_len−1 where valid.
+
+    q: [B, H·D]; k, v: [B, Hkv·D] (heads h·G..h·G+G−1 of q share KV head h); q_norm, k_norm: [D];
+    cos, sin_signed: [positions, D] (sin_signed = (−sin₁, sin₂)); positions: [B] long; cache_keys,
+    cache_values: [B, Hkv, cache_len, D]; valid: [B, cache_len] bool. Returns [B, H·D].
+    """
+    B, Hkv, cache_len, D = cache_keys.shape
+    out = torch.empty_like(q)
+    load()[f"decode_layer_attention_{_NAMES[q.dtype]}"](
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(q_norm), _pointer(k_norm), cos.data_ptr(),
+        sin_signed.data_ptr(), positions.data_ptr(), cache_keys.data_ptr(), cache_values.data_ptr(),
+        valid.data_ptr(), out.data_ptr(), B, Hkv, q.shape[1] // (Hkv * D), cache_len, kv_len, D, slot, scale,
+        eps, torch.get_num_threads(),
+    )
+    return out
+
+
+def sample_tokens(
+    logits: Tensor,
+    uniform: Tensor | None,
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    done: Tensor,
+    eos: Tensor,
+    pad: int,
+    step: int,
+    out_ids: Tensor,
+    out_mask: Tensor,
+    out_logp: Tensor,
+    out_sample_logp: Tensor,
+    tokens: Tensor,
+) -> None:
+    """fast.sample_tokens and the engine's bookkeeping for response token `step`, in one pass per row:
+    rows not done get a token drawn from their logits [B, V] float32 with the uniforms [B, V] (None when
+    greedy), its untempered and sampling log-probs, mask True, and become done if it is in `eos` [E] long;
+    rows already done get `pad`, log-probs 0 and mask False. Writes column `step` of out_ids, out_mask,
+    out_logp, out_sample_logp [B, N], the tokens [B] and done [B]."""
+    B, V = logits.shape
+    load()["sample_tokens"](
+        logits.data_ptr(), _pointer(uniform), B, V, temperature, top_k, top_p, done.data_ptr(), eos.data_ptr(),
+        eos.numel(), pad, step, out_ids.shape[1], out_ids.data_ptr(), out_mask.data_ptr(), out_logp.data_ptr(),
+        out_sample_logp.data_ptr(), tokens.data_ptr(), torch.get_num_threads(),
+    )
