@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 # MLP activations the fused CPU decode step implements (others decode with PyTorch ops).
-SILU = ("silu", "swish")
+SILU_ACTIVATIONS = ("silu", "swish")
 # RoPE types whose inverse frequencies do not depend on the sequence length: one table serves all positions.
 STATIC_ROPE_TYPES = ("default", "linear", "llama3", "yarn")
 
@@ -119,7 +119,7 @@ class _Decoder:
         self.num_kv_heads = config.num_key_value_heads
         self.dtype = self.embed.dtype
         self.cpu_kernel = cpu_kernel
-        self.silu = config.hidden_act in SILU
+        self.silu = getattr(config, "hidden_act", None) in SILU_ACTIVATIONS
 
     def weights(self) -> list[Tensor]:
         """Every tensor the forward reads (its addresses key a captured CUDA graph)."""
