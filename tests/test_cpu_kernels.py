@@ -362,3 +362,24 @@ def test_the_fused_kernels_give_the_same_bits_on_one_and_two_threads(dtype):
             sample(drawn, SamplingConfig(temperature=1.0, top_p=0.9))
             results.append([attention, case["cache_keys"], x, normed, gated, drawn["out_ids"], drawn["out_logp"]])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_the_fused_kernels_name_a_wrong_argument_instead_of_reading_past_it():
+    case = layer_case(64, 2, True)
+    arguments = dict(slot=8, kv_len=9, scale=0.125, eps=1e-6)
+    with pytest.raises(ValueError, match=r"decode_layer_attention: valid must be .* shape \(3, 12\); got torch.bool \(3, 11\)"):
+        cpu_kernels.decode_layer_attention(**{**case, "valid": case["valid"][:, 1:]}, **arguments)
+    with pytest.raises(ValueError, match=r"k must be .*, not contiguous"):
+        cpu_kernels.decode_layer_attention(**{**case, "k": case["k"].t().contiguous().t()}, **arguments)
+    with pytest.raises(ValueError, match=r"slot < kv_len ≤ cache_len, got 9, 9, 12"):
+        cpu_kernels.decode_layer_attention(**case, **{**arguments, "slot": 9})
+    with pytest.raises(ValueError, match=r"add_rms_norm: implemented for .* got torch.float16"):
+        cpu_kernels.add_rms_norm(torch.ones(2, 4, dtype=torch.half), None, torch.ones(4, dtype=torch.half), 1e-6)
+    with pytest.raises(ValueError, match=r"silu_mul: up must be .* shape \(2, 4\)"):
+        cpu_kernels.silu_mul(torch.ones(2, 4), torch.ones(2, 3))
+    drawn = sample_case()
+    with pytest.raises(ValueError, match="uniform is needed exactly when temperature > 0"):
+        cpu_kernels.sample_tokens(
+            drawn["logits"], None, 1.0, 0, 1.0, drawn["done"], torch.tensor([], dtype=torch.long), 0, 2,
+            drawn["out_ids"], drawn["out_mask"], drawn["out_logp"], drawn["out_sample_logp"], drawn["tokens"],
+        )

@@ -160,15 +160,38 @@ def _pointer(tensor: Tensor | None) -> int | None:
     return None if tensor is None else tensor.data_ptr()
 
 
-# The fused decode step. These take what the engine passes, checked once per rollout by the engine: CPU
-# tensors of one dtype of DTYPES, contiguous, and a built library (load() is not None).
+def _entry(kernel: str, dtype: torch.dtype) -> Callable[..., None]:
+    """The built entry point of `kernel` for `dtype`; a ValueError where the kernels do not implement it."""
+    if dtype not in DTYPES:
+        raise ValueError(f"{kernel}: implemented for {DTYPES}, got {dtype}")
+    return load()[f"{kernel}_{_NAMES[dtype]}"]
+
+
+def _check(kernel: str, arguments: dict[str, tuple[Tensor | None, tuple[int, ...], torch.dtype]]) -> None:
+    """Raise a ValueError naming the argument unless each given tensor (None is skipped) is a contiguous
+    CPU tensor of the expected shape and dtype: the kernels index raw memory and check nothing."""
+    for name, (tensor, shape, dtype) in arguments.items():
+        if tensor is None:
+            continue
+        if tensor.shape != shape or tensor.dtype != dtype or tensor.device.type != "cpu" or not tensor.is_contiguous():
+            raise ValueError(
+                f"{kernel}: {name} must be a contiguous CPU {dtype} tensor of shape {tuple(shape)}; got "
+                f"{tensor.dtype} {tuple(tensor.shape)} on {tensor.device}"
+                f"{'' if tensor.is_contiguous() else ', not contiguous'}"
+            )
+
+
+# The fused decode step: each kernel takes contiguous CPU tensors of one dtype of DTYPES (float32 for
+# sampling) and needs a built library (load() is not None).
 
 
 def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) -> Tensor:
     """x ← x + delta in place (skipped when delta is None), then returns weight · x / sqrt(mean(x²) + eps),
     normalised in float32 and cast back before the scale, as HF's RMSNorm. x, delta: [rows, n]; weight: [n]."""
+    _check("add_rms_norm", {"x": (x, x.shape, x.dtype), "delta": (delta, x.shape, x.dtype),
+                            "weight": (weight, x.shape[1:], x.dtype)})
     out = torch.empty_like(x)
-    load()[f"add_rms_norm_{_NAMES[x.dtype]}"](
+    _entry("add_rms_norm", x.dtype)(
         x.data_ptr(), _pointer(delta), weight.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], eps,
         torch.get_num_threads(),
     )
@@ -177,7 +200,8 @@ def add_rms_norm(x: Tensor, delta: Tensor | None, weight: Tensor, eps: float) ->
 
 def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     """gate ← silu(gate) · up in place (silu rounded to the dtype first, as HF's MLP), returned."""
-    load()[f"silu_mul_{_NAMES[gate.dtype]}"](gate.data_ptr(), up.data_ptr(), gate.numel(), torch.get_num_threads())
+    _check("silu_mul", {"gate": (gate, gate.shape, gate.dtype), "up": (up, gate.shape, gate.dtype)})
+    _entry("silu_mul", gate.dtype)(gate.data_ptr(), up.data_ptr(), gate.numel(), torch.get_num_threads())
     return gate
 
 
@@ -203,12 +227,23 @@ def decode_layer_attention(
     q_norm and rotated alike; then softmax(q kᵀ · scale) v over cache columns 0..kv_len−1 where valid.
 
     q: [B, H·D]; k, v: [B, Hkv·D] (heads h·G..h·G+G−1 of q share KV head h); q_norm, k_norm: [D];
-    cos, sin_signed: [positions, D] (sin_signed = (−sin₁, sin₂)); positions: [B] long; cache_keys,
-    cache_values: [B, Hkv, cache_len, D]; valid: [B, cache_len] bool. Returns [B, H·D].
+    cos, sin_signed: [P, D] (sin_signed = (−sin₁, sin₂)) for positions 0..P−1; positions: [B, 1] long, each
+    < P; cache_keys, cache_values: [B, Hkv, cache_len, D]; valid: [B, cache_len] bool; slot < kv_len ≤
+    cache_len. Returns [B, H·D].
     """
     B, Hkv, cache_len, D = cache_keys.shape
+    T = cache_keys.dtype
+    _check("decode_layer_attention", {
+        "q": (q, (B, q.shape[1] // (Hkv * D) * Hkv * D), T), "k": (k, (B, Hkv * D), T), "v": (v, (B, Hkv * D), T),
+        "q_norm": (q_norm, (D,), T), "k_norm": (k_norm, (D,), T), "cos": (cos, (cos.shape[0], D), T),
+        "sin_signed": (sin_signed, cos.shape, T), "positions": (positions, (B, 1), torch.long),
+        "cache_keys": (cache_keys, cache_keys.shape, T), "cache_values": (cache_values, cache_keys.shape, T),
+        "valid": (valid, (B, cache_len), torch.bool),
+    })
+    if not 0 <= slot < kv_len <= cache_len:
+        raise ValueError(f"decode_layer_attention: needs 0 ≤ slot < kv_len ≤ cache_len, got {slot}, {kv_len}, {cache_len}")
     out = torch.empty_like(q)
-    load()[f"decode_layer_attention_{_NAMES[q.dtype]}"](
+    _entry("decode_layer_attention", T)(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(q_norm), _pointer(k_norm), cos.data_ptr(),
         sin_signed.data_ptr(), positions.data_ptr(), cache_keys.data_ptr(), cache_values.data_ptr(),
         valid.data_ptr(), out.data_ptr(), B, Hkv, q.shape[1] // (Hkv * D), cache_len, kv_len, D, slot, scale,
@@ -237,10 +272,20 @@ def sample_tokens(
     rows not done get a token drawn from their logits [B, V] float32 with the uniforms [B, V] (None when
     greedy), its untempered and sampling log-probs, mask True, and become done if it is in `eos` [E] long;
     rows already done get `pad`, log-probs 0 and mask False. Writes column `step` of out_ids, out_mask,
-    out_logp, out_sample_logp [B, N], the tokens [B] and done [B]."""
+    out_logp, out_sample_logp [B, N], the tokens [B, 1] and done [B]."""
     B, V = logits.shape
+    N = out_ids.shape[1]
+    _check("sample_tokens", {
+        "logits": (logits, (B, V), torch.float32), "uniform": (uniform, (B, V), torch.float32),
+        "done": (done, (B,), torch.bool), "eos": (eos, eos.shape[:1], torch.long),
+        "out_ids": (out_ids, (B, N), torch.long), "out_mask": (out_mask, (B, N), torch.bool),
+        "out_logp": (out_logp, (B, N), torch.float32), "out_sample_logp": (out_sample_logp, (B, N), torch.float32),
+        "tokens": (tokens, (B, 1), torch.long),
+    })
+    if (uniform is None) != (temperature == 0) or not 0 <= step < N:
+        raise ValueError(f"sample_tokens: uniform is needed exactly when temperature > 0, and step in [0, {N})")
     load()["sample_tokens"](
         logits.data_ptr(), _pointer(uniform), B, V, temperature, top_k, top_p, done.data_ptr(), eos.data_ptr(),
-        eos.numel(), pad, step, out_ids.shape[1], out_ids.data_ptr(), out_mask.data_ptr(), out_logp.data_ptr(),
+        eos.numel(), pad, step, N, out_ids.data_ptr(), out_mask.data_ptr(), out_logp.data_ptr(),
         out_sample_logp.data_ptr(), tokens.data_ptr(), torch.get_num_threads(),
     )
