@@ -1,17 +1,20 @@
 """Where a rollout call spends its time: HF `generate` (dynamic cache) and the fast engine on one
 shape of benchmarks/rollout.py, under the PyTorch profiler. Prints one JSON object; per engine:
-  wall_s       one generate call without the profiler (after a warm-up call), best of `repeats`;
+  wall_s       one generate call without the profiler, best of `repeats`;
   matmul_s     profiled self CPU seconds of aten::mm / addmm / bmm (the weight and attention matmuls
                that are not inside an attention kernel);
   attention_s  profiled self CPU seconds of the ops whose name contains "attention" (SDPA kernels, and
                the engine's C++ attention kernels, which this script wraps in profiler ranges
                "lit_opd::<kernel name>", as it does the engine's other C++ kernels);
   other_s      every other op's profiled self CPU seconds;
-  profiled_s   their sum (the profiler adds its own overhead, so it exceeds wall_s).
-and, measured in the same process, "weight_matmuls_s": the call's weight matmuls alone (the prefill's
-and every decode step's projections and MLP, the LM head at the last position; nothing else), best of
-`repeats`. No engine that does those matmuls in the model's precision can be faster than that, so
-"speedup_ceiling" = HF dynamic's wall_s / weight_matmuls_s bounds every engine's speedup over it.
+  profiled_s   their sum (the profiler adds its own overhead, so it exceeds wall_s);
+  kernels_s    the profiled seconds of each of the engine's C++ kernels (included in the above).
+and "weight_matmuls_s": the call's weight matmuls alone (the prefill's and every decode step's
+projections and MLP, the LM head at the last position; nothing else), best of `repeats`. No engine that
+does those matmuls in the model's precision can be faster than that, so "speedup_ceiling" = HF
+dynamic's wall_s / weight_matmuls_s bounds every engine's speedup over it. The three timed calls take
+turns, `repeats` times after one warm-up each, on one model in one process, so that the machine's
+changing speed (it is shared) slows them alike; the profiled call comes after.
 
     python benchmarks/rollout_profile.py --threads 1
     python benchmarks/rollout_profile.py --shape cpu-bf16 --threads 2
@@ -27,6 +30,7 @@ from torch.profiler import profile
 from lit_opd.rollout import cpu_kernels
 from rollout import SHAPES, build, generate_fn, timed
 
+ENGINES = ("hf_dynamic", "fast")
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm")
 KERNELS = ("decode_attention", "decode_layer_attention", "add_rms_norm", "silu_mul", "sample_tokens")
 
@@ -42,22 +46,14 @@ def profiled_kernel(name: str):
     return wrapped
 
 
-def best_wall_s(call, repeats: int) -> float:
-    """Best wall seconds of `repeats` calls, after one untimed warm-up call."""
-    call()
-    return round(min(timed(call, "cpu")[0] for _ in range(repeats)), 3)
-
-
-def profile_engine(engine: str, shape: dict, repeats: int) -> dict[str, float]:
-    model, ids, mask = build(shape)
-    generate = generate_fn(engine, model, ids, mask, shape["new_tokens"])
-    wall = best_wall_s(generate, repeats)
+def profile_call(call) -> dict:
+    """Profiled self CPU seconds of one call, by kind of op."""
     kernels = {name: getattr(cpu_kernels, name) for name in KERNELS}
     for name in KERNELS:
         setattr(cpu_kernels, name, profiled_kernel(name))
     try:
         with profile() as profiler:
-            generate()
+            call()
     finally:
         for name, kernel in kernels.items():
             setattr(cpu_kernels, name, kernel)
@@ -66,18 +62,18 @@ def profile_engine(engine: str, shape: dict, repeats: int) -> dict[str, float]:
     attention = sum(value for name, value in seconds.items() if "attention" in name)
     total = sum(seconds.values())
     return {
-        "wall_s": wall,
         "matmul_s": round(matmul, 3),
         "attention_s": round(attention, 3),
         "other_s": round(total - matmul - attention, 3),
         "profiled_s": round(total, 3),
+        "kernels_s": {name: round(seconds[f"lit_opd::{name}"], 3) for name in KERNELS if f"lit_opd::{name}" in seconds},
     }
 
 
-def weight_matmuls_s(shape: dict, repeats: int) -> float:
-    """Best wall seconds of the weight matmuls of one generate call: every layer's q, k, v, o, gate, up and
-    down projections on B·P prompt rows and then on B rows per decode step, the LM head on B rows each time."""
-    model, _, _ = build(shape)
+def weight_matmuls_fn(model, shape: dict):
+    """A no-argument callable that does the weight matmuls of one generate call: every layer's q, k, v, o,
+    gate, up and down projections on B·P prompt rows and then on B rows per decode step, the LM head on B
+    rows each time."""
     B, P, N = shape["batch"], shape["prompt_len"], shape["new_tokens"]
     layers = [
         (
@@ -98,12 +94,24 @@ def weight_matmuls_s(shape: dict, repeats: int) -> float:
         F.linear(x[:B], model.lm_head.weight)
 
     def call() -> None:
-        matmuls(B * P)
-        for _ in range(N - 1):
-            matmuls(B)
+        with torch.no_grad():
+            matmuls(B * P)
+            for _ in range(N - 1):
+                matmuls(B)
 
-    with torch.no_grad():
-        return best_wall_s(call, repeats)
+    return call
+
+
+def best_walls(calls: dict, repeats: int) -> dict[str, float]:
+    """Best wall seconds of each call over `repeats` rounds in which the calls take turns, after one warm-up
+    call each."""
+    for call in calls.values():
+        call()
+    walls = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            walls[name].append(timed(call, "cpu")[0])
+    return {name: round(min(values), 3) for name, values in walls.items()}
 
 
 def main() -> None:
@@ -114,13 +122,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
-    engines = {engine: profile_engine(engine, shape, args.repeats) for engine in ("hf_dynamic", "fast")}
-    floor = weight_matmuls_s(shape, args.repeats)
+    model, ids, mask = build(shape)
+    calls = {engine: generate_fn(engine, model, ids, mask, shape["new_tokens"]) for engine in ENGINES}
+    walls = best_walls({**calls, "weight_matmuls": weight_matmuls_fn(model, shape)}, args.repeats)
+    engines = {engine: {"wall_s": walls[engine], **profile_call(calls[engine])} for engine in ENGINES}
     report = {
         "shape": args.shape, "threads": args.threads, "torch": torch.__version__, "engines": engines,
-        "weight_matmuls_s": floor,
-        "speedup_ceiling": round(engines["hf_dynamic"]["wall_s"] / floor, 2),
-        "speedup_vs_hf_dynamic": round(engines["hf_dynamic"]["wall_s"] / engines["fast"]["wall_s"], 2),
+        "weight_matmuls_s": walls["weight_matmuls"],
+        "speedup_ceiling": round(walls["hf_dynamic"] / walls["weight_matmuls"], 2),
+        "speedup_vs_hf_dynamic": round(walls["hf_dynamic"] / walls["fast"], 2),
     }
     print(json.dumps(report, indent=2))
 
