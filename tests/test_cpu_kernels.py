@@ -3,6 +3,7 @@ and without a compiled specialisation, cache prefixes, bfloat16, threads); the f
 RMSNorm, SiLU gating and sampling against the engine's PyTorch ops; the build cache; and the fallback
 when they cannot be built."""
 
+import contextlib
 import logging
 import math
 import sys
@@ -17,6 +18,17 @@ from lit_opd.rollout.fast import apply_rope, rms_norm
 from lit_opd.rollout.fast import sample_tokens as torch_sample_tokens
 
 pytestmark = pytest.mark.skipif(cpu_kernels.load() is None, reason="no C++ toolchain to build the kernels")
+
+
+@contextlib.contextmanager
+def threads(count: int):
+    """torch (hence the kernels) uses `count` threads inside."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def reference(q, keys, values, valid, scale):
@@ -76,14 +88,10 @@ def test_bfloat16_is_close_to_the_float64_reference():
 
 def test_threads_give_the_same_result():
     q, keys, values, valid = random_case(B=16, L=30, cache_len=30)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with threads(1):
         one = cpu_kernels.decode_attention(q, keys, values, valid, 0.125)
-        torch.set_num_threads(2)
+    with threads(2):
         two = cpu_kernels.decode_attention(q, keys, values, valid, 0.125)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, two)
 
 
@@ -154,20 +162,6 @@ def test_the_engine_attention_agrees_with_and_without_the_kernel():
     torch.testing.assert_close(outputs[0], outputs[1], atol=2e-6, rtol=0)
     expected = F.scaled_dot_product_attention(q, keys, values, attn_mask=attend, scale=0.25)
     torch.testing.assert_close(outputs[0], expected.reshape(4, 1, 4, 16), atol=2e-6, rtol=0)
-
-
-def threads(count: int):
-    """A context in which torch (hence the kernels) uses `count` threads."""
-
-    class Threads:
-        def __enter__(self):
-            self.before = torch.get_num_threads()
-            torch.set_num_threads(count)
-
-        def __exit__(self, *exc):
-            torch.set_num_threads(self.before)
-
-    return Threads()
 
 
 def mostly_equal(actual, expected, share=0.99):

@@ -93,11 +93,10 @@ def _build(compiler: str, source: str, directory: Path, library: Path) -> None:
     log.info("building the CPU decode kernels → %s", library)
     directory.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=directory) as scratch:
-        built = Path(scratch) / "cpu_kernels.so"
-        compiled = Path(scratch) / "cpu_kernels.o"
-        (Path(scratch) / "cpu_kernels.cpp").write_text(source)
+        copy, compiled, built = (Path(scratch) / f"cpu_kernels.{suffix}" for suffix in ("cpp", "o", "so"))
+        copy.write_text(source)  # the text the library's name hashes, even if the file changes meanwhile
         for command in (
-            [compiler, *_COMPILE_FLAGS, "-c", str(Path(scratch) / "cpu_kernels.cpp"), "-o", str(compiled)],
+            [compiler, *_COMPILE_FLAGS, "-c", str(copy), "-o", str(compiled)],
             [compiler, *_LINK_FLAGS, str(compiled), "-o", str(built)],
         ):
             subprocess.run(command, check=True, capture_output=True, text=True)
@@ -136,8 +135,7 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, sca
         and valid.dtype == torch.bool
         and keys.stride(-1) == values.stride(-1) == valid.stride(-1) == 1
     )
-    kernels = load() if applies else None
-    if kernels is None:
+    if not applies or load() is None:
         return None
     if not _shapes_match(q, keys, values, valid):
         raise ValueError(
@@ -148,7 +146,7 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, sca
     L = keys.shape[2]
     q = q.contiguous()
     out = torch.empty_like(q)
-    kernels[f"decode_attention_{_NAMES[q.dtype]}"](
+    _entry("decode_attention", q.dtype)(
         q.data_ptr(), keys.data_ptr(), values.data_ptr(), valid.data_ptr(), out.data_ptr(),
         B, H, G, L, D, *keys.stride()[:3], *values.stride()[:3], valid.stride(0),
         scale, torch.get_num_threads(),
@@ -232,9 +230,9 @@ def decode_layer_attention(
     cache_len. Returns [B, H·D].
     """
     B, Hkv, cache_len, D = cache_keys.shape
-    T = cache_keys.dtype
+    T, G = cache_keys.dtype, q.shape[1] // (Hkv * D)
     _check("decode_layer_attention", {
-        "q": (q, (B, q.shape[1] // (Hkv * D) * Hkv * D), T), "k": (k, (B, Hkv * D), T), "v": (v, (B, Hkv * D), T),
+        "q": (q, (B, Hkv * G * D), T), "k": (k, (B, Hkv * D), T), "v": (v, (B, Hkv * D), T),
         "q_norm": (q_norm, (D,), T), "k_norm": (k_norm, (D,), T), "cos": (cos, (cos.shape[0], D), T),
         "sin_signed": (sin_signed, cos.shape, T), "positions": (positions, (B, 1), torch.long),
         "cache_keys": (cache_keys, cache_keys.shape, T), "cache_values": (cache_values, cache_keys.shape, T),
@@ -246,7 +244,7 @@ def decode_layer_attention(
     _entry("decode_layer_attention", T)(
         q.data_ptr(), k.data_ptr(), v.data_ptr(), _pointer(q_norm), _pointer(k_norm), cos.data_ptr(),
         sin_signed.data_ptr(), positions.data_ptr(), cache_keys.data_ptr(), cache_values.data_ptr(),
-        valid.data_ptr(), out.data_ptr(), B, Hkv, q.shape[1] // (Hkv * D), cache_len, kv_len, D, slot, scale,
+        valid.data_ptr(), out.data_ptr(), B, Hkv, G, cache_len, kv_len, D, slot, scale,
         eps, torch.get_num_threads(),
     )
     return out
