@@ -1,6 +1,7 @@
 """The CPU decode kernels: attention against a float64 reference (masks, grouped queries, head sizes with
 and without a compiled specialisation, cache prefixes, bfloat16, threads); the fused layer attention,
-RMSNorm, SiLU gating and sampling against the engine's PyTorch ops; the build cache; and the fallback
+RMSNorm, SiLU gating and sampling against the engine's PyTorch ops; the float32 projections and MLP
+against float64 matmuls; the build cache; and the fallback
 when they cannot be built."""
 
 import contextlib
@@ -209,6 +210,89 @@ def test_silu_mul_is_hf_mlp_gating(dtype):
         mostly_equal(out, expected)
 
 
+def float64_linear(x, weight, bias=None):
+    out = x.double() @ weight.double().T
+    return out if bias is None else out + bias.double()
+
+
+@pytest.mark.parametrize(
+    ("M", "K", "Ns"), [(64, 256, (256, 128, 128)), (1, 3, (1,)), (17, 33, (7, 12)), (70, 16, (6, 5)), (130, 40, (13,))]
+)
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_is_each_projection_of_the_input(M, K, Ns, bias):
+    """Row counts below, at and past one register chunk (16 / 64 rows), weights of 1 to 256 rows (tiles of 6
+    and their remainders), several projections of one input in one call."""
+    generator = torch.Generator().manual_seed(M + K)
+    x = torch.randn(M, K, generator=generator)
+    projections = [
+        (torch.randn(N, K, generator=generator), torch.randn(N, generator=generator) if bias else None) for N in Ns
+    ]
+    outs = cpu_kernels.linear(x, projections)
+    for out, (weight, b) in zip(outs, projections, strict=True):
+        assert out.shape == (M, weight.shape[0]) and out.dtype == torch.float32
+        torch.testing.assert_close(out.double(), float64_linear(x, weight, b), atol=1e-4, rtol=1e-5)
+
+
+def test_linear_by_hand_reads_the_live_weight():
+    x = torch.tensor([[1.0, 2.0], [0.0, -1.0]])
+    weight, bias = torch.tensor([[3.0, 4.0], [5.0, 6.0], [0.0, -1.0]]), torch.tensor([0.5, 0.0, 1.0])
+    (out,) = cpu_kernels.linear(x, [(weight, bias)])
+    torch.testing.assert_close(out, torch.tensor([[11.5, 17.0, -1.0], [-3.5, -6.0, 2.0]]))
+    weight.add_(1.0)  # an optimiser step in place: the next call reads the new values
+    (out,) = cpu_kernels.linear(x, [(weight, None)])
+    torch.testing.assert_close(out, torch.tensor([[14.0, 20.0, 1.0], [-5.0, -7.0, 0.0]]))
+
+
+@pytest.mark.parametrize(("M", "H", "I"), [(64, 256, 1024), (5, 24, 40), (33, 16, 7)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_gated_mlp_is_hf_silu_mlp(M, H, I, bias):
+    generator = torch.Generator().manual_seed(M)
+    x = torch.randn(M, H, generator=generator)
+
+    def projection(rows, columns):
+        weight = torch.randn(rows, columns, generator=generator) / columns**0.5
+        return weight, torch.randn(rows, generator=generator) if bias else None
+
+    gate, up, down = projection(I, H), projection(I, H), projection(H, I)
+    gate[0][0] *= 1e3  # saturation: silu of ±hundreds must stay finite
+    expected = float64_linear(F.silu(float64_linear(x, *gate)) * float64_linear(x, *up), *down)
+    out = cpu_kernels.gated_mlp(x, gate, up, down)
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.double(), expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_projections_after_a_norm_are_add_rms_norm_then_the_projections():
+    """The fused residual add and RMSNorm give the same bits as add_rms_norm, then the plain projections."""
+    generator = torch.Generator().manual_seed(4)
+    x, delta = torch.randn(21, 48, generator=generator), torch.randn(21, 48, generator=generator)
+    norm = torch.rand(48, generator=generator) + 0.5
+    projections = [(torch.randn(n, 48, generator=generator), None) for n in (10, 48)]
+    mlp = [(torch.randn(n, k, generator=generator), None) for n, k in ((30, 48), (30, 48), (48, 30))]
+    kernels = (
+        lambda y, *normed: cpu_kernels.linear(y, projections, *normed),
+        lambda y, *normed: [cpu_kernels.gated_mlp(y, *mlp, *normed)],
+    )
+    for with_delta in (None, delta):
+        for kernel in kernels:
+            y, reference_x = x.clone(), x.clone()
+            expected = kernel(cpu_kernels.add_rms_norm(reference_x, with_delta, norm, 1e-6))
+            outs = kernel(y, norm, with_delta, 1e-6)
+            assert torch.equal(y, reference_x), "x holds the residual sum, as add_rms_norm leaves it"
+            assert all(torch.equal(a, b) for a, b in zip(outs, expected, strict=True))
+
+
+def test_the_projections_give_the_same_bits_on_one_and_two_threads():
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(70, 32, generator=generator)
+    weights = [(torch.randn(n, 32, generator=generator), None) for n in (20, 48)]
+    down = (torch.randn(32, 48, generator=generator), None)
+    results = []
+    for count in (1, 2):
+        with threads(count):
+            results.append([*cpu_kernels.linear(x, weights), cpu_kernels.gated_mlp(x, *weights[1:] * 2, down)])
+    assert all(torch.equal(a, b) for a, b in zip(*results, strict=True))
+
+
 def layer_case(D, G, norms, dtype=torch.float32, B=3, Hkv=2, cache_len=12, seed=0):
     generator = torch.Generator().manual_seed(seed)
 
@@ -371,6 +455,16 @@ def test_the_fused_kernels_name_a_wrong_argument_instead_of_reading_past_it():
         cpu_kernels.add_rms_norm(torch.ones(2, 4, dtype=torch.half), None, torch.ones(4, dtype=torch.half), 1e-6)
     with pytest.raises(ValueError, match=r"silu_mul: up must be .* shape \(2, 4\)"):
         cpu_kernels.silu_mul(torch.ones(2, 4), torch.ones(2, 3))
+    with pytest.raises(ValueError, match=r"linear: x must be a contiguous CPU torch.float32 tensor"):
+        cpu_kernels.linear(torch.ones(2, 4, dtype=torch.bfloat16), [(torch.ones(3, 4, dtype=torch.bfloat16), None)])
+    with pytest.raises(ValueError, match=r"linear: weight 1 must be .* shape \(3, 4\); got torch.float32 \(3, 5\)"):
+        cpu_kernels.linear(torch.ones(2, 4), [(torch.ones(3, 4), None), (torch.ones(3, 5), None)])
+    with pytest.raises(ValueError, match=r"linear: delta is added only before a norm"):
+        cpu_kernels.linear(torch.ones(2, 4), [(torch.ones(3, 4), None)], delta=torch.ones(2, 4))
+    with pytest.raises(ValueError, match=r"gated_mlp: norm must be .* shape \(4,\)"):
+        cpu_kernels.gated_mlp(torch.ones(2, 4), *[(torch.ones(6, 4), None)] * 2, (torch.ones(4, 6), None), torch.ones(5))
+    with pytest.raises(ValueError, match=r"gated_mlp: down weight must be .* shape \(4, 6\)"):
+        cpu_kernels.gated_mlp(torch.ones(2, 4), (torch.ones(6, 4), None), (torch.ones(6, 4), None), (torch.ones(6, 4), None))
     drawn = sample_case()
     with pytest.raises(ValueError, match="uniform is needed exactly when temperature > 0"):
         cpu_kernels.sample_tokens(

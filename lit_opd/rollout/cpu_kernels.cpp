@@ -1,7 +1,7 @@
-// The fast engine's CPU decode step: attention, RMSNorm, SiLU gating and sampling for one new token per
-// row, each one OpenMP loop over rows (or (row, KV head) pairs). Plain C++ with no torch headers, built
-// and loaded by cpu_kernels.py. Compiled with -ffast-math: no code here forms an infinity or compares a
-// NaN where the result could index memory (masked scores are the lowest finite float; token order is an
+// The fast engine's CPU decode step: attention, RMSNorm, SiLU gating, float32 projections and sampling for
+// one new token per row, each one OpenMP region over rows, (row, KV head) pairs or weight tiles. Plain C++
+// with no torch headers, built and loaded by cpu_kernels.py. Compiled with -ffast-math: no code here forms
+// an infinity or compares a NaN where the result could index memory (masked scores are the lowest finite float; token order is an
 // integer key).
 #include <algorithm>
 #include <cmath>
@@ -137,7 +137,7 @@ static void decode_layer_attention(const T* q, const T* k, const T* v, const T* 
     std::vector<float> head(D), scratch(D), query(G * D), scores(G * L), acc(G * D);
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < B * H; ++pair) {
-      const int64_t b = pair / H, h = pair % H;
+      const int64_t b = pair / H;
       const T* c = cos + positions[b] * D;
       const T* s = sin_signed + positions[b] * D;
       T* keys = cache_k + pair * cache_len * D;
@@ -162,6 +162,17 @@ static void decode_layer_attention(const T* q, const T* k, const T* v, const T* 
   }
 }
 
+// One row: x [n] ← round(x + delta) (if delta is given), then row [n] ← RMSNorm(x) · w.
+template <typename T>
+static void add_rms_norm_row(T* __restrict x, const T* __restrict delta, const T* __restrict w, int64_t n, float eps,
+                             float* __restrict row) {
+  for (int64_t i = 0; i < n; ++i) {
+    row[i] = delta ? rounded<T>(to_float(x[i]) + to_float(delta[i])) : to_float(x[i]);
+    if (delta) store(row[i], x + i);
+  }
+  rms_norm(row, w, n, eps);
+}
+
 // x [rows, n] ← round(x + delta) (if delta is given), then out [rows, n] ← RMSNorm(x) · w: the residual add
 // and the next norm of a decoder layer.
 template <typename T>
@@ -171,26 +182,141 @@ static void add_rms_norm(T* x, const T* delta, const T* w, T* out, int64_t rows,
     std::vector<float> row(n);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < rows; ++r) {
-      T* xr = x + r * n;
-      for (int64_t i = 0; i < n; ++i) {
-        row[i] = delta ? rounded<T>(to_float(xr[i]) + to_float(delta[r * n + i])) : to_float(xr[i]);
-        if (delta) store(row[i], xr + i);
-      }
-      rms_norm(row.data(), w, n, eps);
+      add_rms_norm_row(x + r * n, delta ? delta + r * n : nullptr, w, n, eps, row.data());
       for (int64_t i = 0; i < n; ++i) store(row[i], out + r * n + i);
     }
   }
 }
+
+// HF's SiLU, x · sigmoid(x), with exp's argument capped so that it never overflows.
+static inline float silu(float x) { return x / (1.f + std::exp(std::min(-x, 80.f))); }
 
 // gate [n] ← round(round(silu(gate)) · up): HF's act_fn(gate_proj(x)) * up_proj(x).
 template <typename T>
 static void silu_mul(T* gate, const T* up, int64_t n, int threads) {
 #pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < n; ++i) {
-    const float g = to_float(gate[i]);
-    const float silu = rounded<T>(g / (1.f + std::exp(std::min(-g, 80.f))));
-    store(silu * to_float(up[i]), gate + i);
+    store(rounded<T>(silu(to_float(gate[i]))) * to_float(up[i]), gate + i);
   }
+}
+
+// Decode-step projections, float32. A decode step multiplies each weight by only B rows, so it is read
+// once, where it is (nn.Linear's [N, K]: it changes with every optimiser step, so nothing packs it); the B
+// rows are packed instead, transposed to xt [K, BP] with BP = B rounded up to 16. A tile of kTileRows
+// weight rows × a chunk of up to kChunk packed rows keeps kTileRows · chunk / 16 vector sums in registers
+// (one broadcast weight per chunk / 16 FMAs) and stores them as rows of yt [N, BP]; a last pass transposes
+// yt to y [B, N] and adds the bias. Sums run over k in order, one float32 FMA chain per output.
+constexpr int64_t kTileRows = 6;
+#if defined(__AVX512F__)
+constexpr int64_t kChunk = 64;
+#else
+constexpr int64_t kChunk = 16;
+#endif
+
+template <int NR, int MB>
+static void weight_tile(const float* __restrict xt, int64_t BP, const float* __restrict w, int64_t K,
+                        float* __restrict yt, int64_t n0, int64_t m0) {
+  float acc[NR][MB] = {};
+  for (int64_t k = 0; k < K; ++k) {
+    const float* __restrict xk = xt + k * BP + m0;
+    for (int i = 0; i < NR; ++i) {
+      const float wk = w[(n0 + i) * K + k];
+#pragma omp simd
+      for (int j = 0; j < MB; ++j) acc[i][j] += wk * xk[j];
+    }
+  }
+  for (int i = 0; i < NR; ++i)
+    for (int j = 0; j < MB; ++j) yt[(n0 + i) * BP + m0 + j] = acc[i][j];
+}
+
+using WeightTile = void (*)(const float*, int64_t, const float*, int64_t, float*, int64_t, int64_t);
+
+template <int NR>
+static WeightTile weight_tile_for_chunk(int64_t chunk) {
+  switch (chunk) {
+#if defined(__AVX512F__)
+    case 64: return weight_tile<NR, 64>;
+    case 48: return weight_tile<NR, 48>;
+    case 32: return weight_tile<NR, 32>;
+#endif
+    default: return weight_tile<NR, 16>;
+  }
+}
+
+static WeightTile weight_tile_for(int64_t rows, int64_t chunk) {
+  switch (rows) {
+    case 1: return weight_tile_for_chunk<1>(chunk);
+    case 2: return weight_tile_for_chunk<2>(chunk);
+    case 3: return weight_tile_for_chunk<3>(chunk);
+    case 4: return weight_tile_for_chunk<4>(chunk);
+    case 5: return weight_tile_for_chunk<5>(chunk);
+    default: return weight_tile_for_chunk<6>(chunk);
+  }
+}
+
+// Call from inside a parallel region. xt [K, BP] ← x [M, K] transposed, rows M..BP−1 zero.
+static void pack_rows(const float* __restrict x, int64_t M, int64_t K, int64_t BP, float* __restrict xt) {
+#pragma omp for schedule(static)
+  for (int64_t k0 = 0; k0 < K; k0 += 16) {
+    const int64_t kn = std::min<int64_t>(16, K - k0);
+    for (int64_t m = 0; m < BP; ++m)
+      for (int64_t k = 0; k < kn; ++k) xt[(k0 + k) * BP + m] = m < M ? x[m * K + k0 + k] : 0.f;
+  }
+}
+
+// Call from inside a parallel region. x [M, K] ← x + delta (if delta is given), then xt [K, BP] ← RMSNorm(x) ·
+// norm transposed, rows M..BP−1 zero: add_rms_norm's arithmetic, its result written packed.
+static void pack_normed_rows(float* __restrict x, const float* __restrict delta, const float* __restrict norm,
+                             float eps, int64_t M, int64_t K, int64_t BP, float* __restrict xt) {
+  std::vector<float> row(K);
+#pragma omp for schedule(static)
+  for (int64_t m = 0; m < BP; ++m) {
+    if (m < M) add_rms_norm_row(x + m * K, delta ? delta + m * K : nullptr, norm, K, eps, row.data());
+    for (int64_t k = 0; k < K; ++k) xt[k * BP + m] = m < M ? row[k] : 0.f;
+  }
+}
+
+// Call from inside a parallel region: pack_normed_rows with a norm, else pack_rows.
+static void pack_input(float* x, const float* delta, const float* norm, float eps, int64_t M, int64_t K, int64_t BP,
+                       float* xt) {
+  if (norm) pack_normed_rows(x, delta, norm, eps, M, K, BP, xt);
+  else pack_rows(x, M, K, BP, xt);
+}
+
+// Call from inside a parallel region. yts[c] [Ns[c], BP] ← ws[c] [Ns[c], K] · xt [K, BP] for c < count,
+// the tiles of all weights shared out in one loop.
+static void weight_tiles(const float* xt, int64_t M, int64_t K, int64_t BP, int64_t count, const float* const* ws,
+                         const int64_t* Ns, float* const* yts) {
+  const int64_t chunks = (M + kChunk - 1) / kChunk;
+  const auto tiles = [&](int64_t c) { return (Ns[c] + kTileRows - 1) / kTileRows * chunks; };
+  int64_t total = 0;
+  for (int64_t c = 0; c < count; ++c) total += tiles(c);
+#pragma omp for schedule(static)
+  for (int64_t t = 0; t < total; ++t) {
+    int64_t c = 0, tile = t;
+    while (tile >= tiles(c)) tile -= tiles(c++);
+    const int64_t n0 = tile / chunks * kTileRows, m0 = tile % chunks * kChunk;
+    const int64_t rows = std::min(kTileRows, Ns[c] - n0), chunk = std::min(kChunk, (M - m0 + 15) / 16 * 16);
+    weight_tile_for(rows, chunk)(xt, BP, ws[c], K, yts[c], n0, m0);
+  }
+}
+
+// Call from inside a parallel region. y [M, N] ← yt [N, BP] transposed, plus bias [N] if given.
+static void unpack_rows(const float* __restrict yt, const float* __restrict bias, int64_t M, int64_t N, int64_t BP,
+                        float* __restrict y) {
+#pragma omp for schedule(static)
+  for (int64_t n0 = 0; n0 < N; n0 += 16) {
+    const int64_t nn = std::min<int64_t>(16, N - n0);
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < nn; ++n) y[m * N + n0 + n] = yt[(n0 + n) * BP + m] + (bias ? bias[n0 + n] : 0.f);
+  }
+}
+
+// Scratch for one call, reused by the calling thread's later calls (it keeps the largest call's size).
+static float* scratch_floats(int64_t count) {
+  thread_local std::vector<float> buffer;
+  if (static_cast<int64_t>(buffer.size()) < count) buffer.resize(count);
+  return buffer.data();
 }
 
 // A float's bits as an unsigned key in the float's order (NaN above +inf): sorts without float compares.
@@ -297,6 +423,54 @@ extern "C" {
 
 LIT_OPD_KERNELS(float, float32)
 LIT_OPD_KERNELS(bf16, bfloat16)
+
+// ys[c] [M, Ns[c]] ← h · ws[c]ᵀ + biases[c] (null: none) for c < count: projections of one input, h = x [M, K],
+// or with a norm [K]: x ← x + delta (if given) in place and h = RMSNorm(x) · norm.
+void linear_float32(float* x, const float* delta, const float* norm, float eps, int64_t M, int64_t K, int64_t count,
+                    const float* const* ws, const float* const* biases, float* const* ys, const int64_t* Ns,
+                    int threads) {
+  const int64_t BP = (M + 15) / 16 * 16;
+  int64_t outputs = 0;
+  for (int64_t c = 0; c < count; ++c) outputs += Ns[c];
+  float* xt = scratch_floats((K + outputs) * BP);
+  std::vector<float*> yts(count);
+  for (int64_t c = 0, row = K; c < count; row += Ns[c++]) yts[c] = xt + row * BP;
+#pragma omp parallel num_threads(threads)
+  {
+    pack_input(x, delta, norm, eps, M, K, BP, xt);
+    weight_tiles(xt, M, K, BP, count, ws, Ns, yts.data());
+    for (int64_t c = 0; c < count; ++c) unpack_rows(yts[c], biases[c], M, Ns[c], BP, ys[c]);
+  }
+}
+
+// out [M, H] ← down(silu(gate(h)) · up(h)) with h as in linear_float32 (x [M, H], norm [H]); gate, up: [I, H];
+// down: [H, I]; biases [I], [I], [H] or null: HF's SiLU MLP, the gated activations never leaving packed form.
+void gated_mlp_float32(float* x, const float* delta, const float* norm, float eps, int64_t M, int64_t H, int64_t I,
+                       const float* gate, const float* up, const float* down, const float* gate_bias,
+                       const float* up_bias, const float* down_bias, float* out, int threads) {
+  const int64_t BP = (M + 15) / 16 * 16;
+  float* xt = scratch_floats((3 * H + 2 * I) * BP);
+  float* gated = xt + H * BP;
+  float* up_t = gated + I * BP;
+  float* yt = up_t + I * BP;
+  const float* const ws[2] = {gate, up};
+  float* const yts[2] = {gated, up_t};
+  const int64_t Ns[2] = {I, I};
+#pragma omp parallel num_threads(threads)
+  {
+    pack_input(x, delta, norm, eps, M, H, BP, xt);
+    weight_tiles(xt, M, H, BP, 2, ws, Ns, yts);
+#pragma omp for schedule(static)
+    for (int64_t i = 0; i < I; ++i) {
+      for (int64_t m = 0; m < BP; ++m) {
+        const float g = gated[i * BP + m] + (gate_bias ? gate_bias[i] : 0.f);
+        gated[i * BP + m] = silu(g) * (up_t[i * BP + m] + (up_bias ? up_bias[i] : 0.f));
+      }
+    }
+    weight_tiles(gated, M, I, BP, 1, &down, &H, &yt);
+    unpack_rows(yt, down_bias, M, H, BP, out);
+  }
+}
 
 // One decode step's sampling and bookkeeping. logits, uniform: [B, V] float32 (uniform null when greedy);
 // done: [B], updated; out_*: [B, N], column `step` written; tokens: [B], the next step's input. A row that

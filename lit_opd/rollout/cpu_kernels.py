@@ -1,17 +1,24 @@
-"""The fast engine's decode step on CPU: attention, RMSNorm, SiLU gating and sampling in small C++ kernels
-built on first use (`cpu_kernels.cpp` beside this file).
+"""The fast engine's decode step on CPU: attention, RMSNorm, SiLU gating, float32 projections and sampling
+in small C++ kernels built on first use (`cpu_kernels.cpp` beside this file).
 
 With one new token per row a decode step's arithmetic outside the weight matmuls is tiny, and done as
 PyTorch ops it is ~250 dispatches of a few microseconds each, single-threaded at these sizes: on the
-benchmark's CPU shape that was a third of a rollout call. Each kernel here does one such group in one
-OpenMP loop over rows (or (row, KV head) pairs) with torch.get_num_threads() threads:
+benchmark's CPU shape that was a third of a rollout call. The weight matmuls themselves multiply each
+weight by only B rows: a library GEMM packs (copies) the weight for every call, while `linear` reads it
+once where it lies and packs the B rows instead. Each kernel here does one such group in one OpenMP
+region over rows, (row, KV head) pairs or weight tiles with torch.get_num_threads() threads:
   decode_layer_attention  q/k RMSNorm, RoPE, the KV-cache write and attention of one layer;
   add_rms_norm            the residual add and the next RMSNorm;
   silu_mul                silu(gate) · up;
+  linear                  float32 projections of one input (q, k and v in one call), the weights read in
+                          place, the rows packed, optionally after the residual add and RMSNorm;
+  gated_mlp               a float32 SiLU MLP: gate and up projections, gating and the down projection,
+                          optionally after the residual add and RMSNorm;
   sample_tokens           temperature, top-k, top-p, the draw, both log-probs, EOS and the output writes;
   decode_attention        attention alone (the engine's path under autocast).
 Each rounds where HF's PyTorch ops round (bfloat16 results are rounded to nearest even at the same
-points); sums are float32.
+points); sums are float32 (in another order than PyTorch's matmuls: results agree to float32 rounding,
+not bit for bit).
 
 The kernels are plain C++ with no torch headers: on first use they are compiled with the system C++
 compiler (`$CXX`, default `c++`; a few seconds) into LIT_OPD_KERNEL_DIR (default
@@ -52,6 +59,11 @@ _SIGNATURES = {
     "add_rms_norm": [_POINTER] * 4 + [_INT] * 2 + [_FLOAT],
     "silu_mul": [_POINTER] * 2 + [_INT],
 }
+# float32 only:
+_FLOAT32_SIGNATURES = {
+    "linear_float32": [_POINTER] * 3 + [_FLOAT] + [_INT] * 3 + [_POINTER] * 4,
+    "gated_mlp_float32": [_POINTER] * 3 + [_FLOAT] + [_INT] * 3 + [_POINTER] * 7,
+}
 _SAMPLE_SIGNATURE = [_POINTER, _POINTER, _INT, _INT, _FLOAT, _INT, _FLOAT, _POINTER, _POINTER] + [_INT] * 4 + [_POINTER] * 5
 
 
@@ -75,7 +87,7 @@ def load() -> dict[str, Callable[..., None]] | None:
         reason = getattr(error, "stderr", None) or error
         log.warning("the CPU decode kernels could not be built (%s); using PyTorch's ops", reason)
         return None
-    signatures = {"sample_tokens": _SAMPLE_SIGNATURE} | {
+    signatures = {"sample_tokens": _SAMPLE_SIGNATURE} | _FLOAT32_SIGNATURES | {
         f"{name}_{_NAMES[dtype]}": arguments for name, arguments in _SIGNATURES.items() for dtype in DTYPES
     }
     functions = {}
@@ -201,6 +213,64 @@ def silu_mul(gate: Tensor, up: Tensor) -> Tensor:
     _check("silu_mul", {"gate": (gate, gate.shape, gate.dtype), "up": (up, gate.shape, gate.dtype)})
     _entry("silu_mul", gate.dtype)(gate.data_ptr(), up.data_ptr(), gate.numel(), torch.get_num_threads())
     return gate
+
+
+def linear(
+    x: Tensor, projections: list[tuple[Tensor, Tensor | None]], norm: Tensor | None = None,
+    delta: Tensor | None = None, eps: float = 0.0,
+) -> list[Tensor]:
+    """[h · weightᵀ + bias for each (weight, bias) of `projections`] in one call: the decode step's
+    projections of one input, float32. Without `norm`, h = x; with it, x ← x + delta in place (skipped
+    when delta is None) and h = add_rms_norm's result, never stored. x, delta: [M, K]; norm: [K]; weight:
+    [N, K] (each its own N); bias: [N] or None. Returns [M, N] tensors. Each weight is read where it lies;
+    sums are float32 FMA chains in k order."""
+    M, K = _check_input("linear", x, norm, delta)
+    for index, (weight, bias) in enumerate(projections):
+        _check("linear", {f"weight {index}": (weight, (weight.shape[0], K), torch.float32),
+                          f"bias {index}": (bias, weight.shape[:1], torch.float32)})
+    outs = [torch.empty(M, weight.shape[0]) for weight, _ in projections]
+    count = len(projections)
+    pointers = ctypes.c_void_p * count
+    load()["linear_float32"](
+        x.data_ptr(), _pointer(delta), _pointer(norm), eps, M, K, count, pointers(*(w.data_ptr() for w, _ in projections)),
+        pointers(*(_pointer(b) for _, b in projections)), pointers(*(out.data_ptr() for out in outs)),
+        (ctypes.c_int64 * count)(*(out.shape[1] for out in outs)), torch.get_num_threads(),
+    )
+    return outs
+
+
+def gated_mlp(
+    x: Tensor, gate: tuple[Tensor, Tensor | None], up: tuple[Tensor, Tensor | None],
+    down: tuple[Tensor, Tensor | None], norm: Tensor | None = None, delta: Tensor | None = None, eps: float = 0.0,
+) -> Tensor:
+    """down(silu(gate(h)) · up(h)), HF's SiLU MLP, float32, in one call; each projection a (weight, bias);
+    h as in `linear` (x, or with `norm` the residual add and RMSNorm). x, delta: [M, H]; norm: [H]; gate and
+    up weights [I, H], biases [I]; down weight [H, I], bias [H]. Returns [M, H]."""
+    M, H = _check_input("gated_mlp", x, norm, delta)
+    I = gate[0].shape[0]
+    _check("gated_mlp", {
+        "gate weight": (gate[0], (I, H), torch.float32), "gate bias": (gate[1], (I,), torch.float32),
+        "up weight": (up[0], (I, H), torch.float32), "up bias": (up[1], (I,), torch.float32),
+        "down weight": (down[0], (H, I), torch.float32), "down bias": (down[1], (H,), torch.float32),
+    })
+    out = torch.empty_like(x)
+    load()["gated_mlp_float32"](
+        x.data_ptr(), _pointer(delta), _pointer(norm), eps, M, H, I, gate[0].data_ptr(), up[0].data_ptr(),
+        down[0].data_ptr(), _pointer(gate[1]), _pointer(up[1]), _pointer(down[1]), out.data_ptr(),
+        torch.get_num_threads(),
+    )
+    return out
+
+
+def _check_input(kernel: str, x: Tensor, norm: Tensor | None, delta: Tensor | None) -> tuple[int, int]:
+    """x's [M, K] after checking x, norm and delta for a float32 projection kernel."""
+    if delta is not None and norm is None:
+        raise ValueError(f"{kernel}: delta is added only before a norm; got a delta without one")
+    _check(kernel, {"x": (x, x.shape, torch.float32)})
+    if x.dim() != 2:
+        raise ValueError(f"{kernel}: x must be [M, K]; got {tuple(x.shape)}")
+    _check(kernel, {"norm": (norm, x.shape[1:], torch.float32), "delta": (delta, x.shape, torch.float32)})
+    return x.shape
 
 
 def decode_layer_attention(

@@ -178,24 +178,38 @@ class _Decoder:
         return F.linear(h, *self.lm_head).float()
 
     def decode_cpu(self, tokens: Tensor, positions: Tensor, cache: "_KVCache", slot: int, kv_len: int) -> Tensor:
-        """`forward` for one new token per row, with everything but the matmuls in `cpu_kernels`: per layer
-        one call for the residual add and RMSNorm, one for q/k-norm, RoPE, the cache write and attention,
-        one for the SiLU gating. tokens, positions: [B, 1]; slot: the cache column of the new token.
-        Returns the logits [B, V] float32."""
+        """`forward` for one new token per row, with everything in `cpu_kernels`: per layer one call for the
+        residual add, RMSNorm and q, k, v projections, one for q/k-norm, RoPE, the cache write and attention,
+        one for the o projection, one for the residual add, RMSNorm and MLP (float32; in bfloat16 the norms
+        and the SiLU gating are kernels and the matmuls PyTorch's). tokens, positions: [B, 1]; slot: the cache
+        column of the new token. Returns the logits [B, V] float32."""
         x = F.embedding(tokens[:, 0], self.embed)
         delta = None
         for index, layer in enumerate(self.layers):
-            h = cpu_kernels.add_rms_norm(x, delta, layer.input_norm, self.eps)
             attention = cpu_kernels.decode_layer_attention(
-                F.linear(h, *layer.q_proj), F.linear(h, *layer.k_proj), F.linear(h, *layer.v_proj),
+                *self._norm_project(x, delta, layer.input_norm, layer.q_proj, layer.k_proj, layer.v_proj),
                 layer.q_norm, layer.k_norm, cache.cos, cache.sin_signed, positions, cache.keys[index],
                 cache.values[index], cache.valid, slot, kv_len, self.scaling, self.eps,
             )
-            h = cpu_kernels.add_rms_norm(x, F.linear(attention, *layer.o_proj), layer.post_norm, self.eps)
-            gated = cpu_kernels.silu_mul(F.linear(h, *layer.gate_proj), F.linear(h, *layer.up_proj))
-            delta = F.linear(gated, *layer.down_proj)
-        h = cpu_kernels.add_rms_norm(x, delta, self.final_norm, self.eps)
-        return F.linear(h, *self.lm_head).float()
+            (delta,) = self._norm_project(attention, None, None, layer.o_proj)
+            if self.dtype == torch.float32:
+                delta = cpu_kernels.gated_mlp(
+                    x, layer.gate_proj, layer.up_proj, layer.down_proj, layer.post_norm, delta, self.eps
+                )
+            else:
+                h = cpu_kernels.add_rms_norm(x, delta, layer.post_norm, self.eps)
+                gated = cpu_kernels.silu_mul(F.linear(h, *layer.gate_proj), F.linear(h, *layer.up_proj))
+                delta = F.linear(gated, *layer.down_proj)
+        (logits,) = self._norm_project(x, delta, self.final_norm, self.lm_head)
+        return logits.float()
+
+    def _norm_project(self, x: Tensor, delta: Tensor | None, norm: Tensor | None, *projections: Linear) -> list[Tensor]:
+        """[F.linear(h, weight, bias) for each projection], h = x, or with a norm add_rms_norm(x, delta, norm)
+        (x ← x + delta in place): one `cpu_kernels.linear` call in float32."""
+        if self.dtype == torch.float32:
+            return cpu_kernels.linear(x, list(projections), norm, delta, self.eps)
+        h = x if norm is None else cpu_kernels.add_rms_norm(x, delta, norm, self.eps)
+        return [F.linear(h, *projection) for projection in projections]
 
     def _attention(self, q: Tensor, keys: Tensor, values: Tensor, attend: Tensor) -> Tensor:
         """softmax(q kᵀ · scaling + mask) v per head. q: [B, S, H, D]; keys, values: [B, Hkv, L, D].
@@ -415,10 +429,10 @@ class StaticCacheEngine(RolloutEngine):
         are left-padded to a multiple of `prompt_bucket` so that new prompt lengths rarely force a capture.
     done_check_interval: on CUDA, tokens between checks whether every row has stopped (each check waits
         for the device); on CPU the check is every token, where it costs nothing.
-    cpu_decode_kernels: on CPU, decode steps run everything but the weight matmuls in the C++ kernels of
-        `lit_opd.rollout.cpu_kernels` (built on first use; see benchmarks/rollout.py for the gain over the
-        same engine on PyTorch ops); under autocast only the attention does; where they do not apply or
-        cannot be built, PyTorch's ops.
+    cpu_decode_kernels: on CPU, decode steps run in the C++ kernels of `lit_opd.rollout.cpu_kernels`
+        (built on first use; see benchmarks/rollout.py for the gain over the same engine on PyTorch ops):
+        everything in float32, everything but the weight matmuls in bfloat16; under autocast only the
+        attention; where they do not apply or cannot be built, PyTorch's ops.
     """
 
     def __init__(
