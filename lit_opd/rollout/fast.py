@@ -7,8 +7,8 @@ then one decode step per token appends to it. Sampling (temperature â†’ top-k â†
 of HF `generate`) draws with the exponential race argmax_v q_v / E_v, E_v ~ Exp(1), from the
 caller's generator, so no step reads a value back to the host; whether every row has stopped is
 checked every token on CPU and every `done_check_interval` tokens on CUDA. On CUDA the decode step
-can be captured in CUDA graphs (`cuda_graphs=True`) and replayed per token; on CPU everything but its
-weight matmuls runs in C++ kernels (`lit_opd.rollout.cpu_kernels`). Architectures, RoPE
+can be captured in CUDA graphs (`cuda_graphs=True`) and replayed per token; on CPU it runs in C++
+kernels (`lit_opd.rollout.cpu_kernels`; in bfloat16 the weight matmuls stay PyTorch's). Architectures, RoPE
 types or attention patterns it does not implement go to HF `generate`, with one logged warning.
 """
 
