@@ -462,9 +462,13 @@ def test_the_fused_kernels_name_a_wrong_argument_instead_of_reading_past_it():
     with pytest.raises(ValueError, match=r"linear: delta is added only before a norm"):
         cpu_kernels.linear(torch.ones(2, 4), [(torch.ones(3, 4), None)], delta=torch.ones(2, 4))
     with pytest.raises(ValueError, match=r"gated_mlp: norm must be .* shape \(4,\)"):
-        cpu_kernels.gated_mlp(torch.ones(2, 4), *[(torch.ones(6, 4), None)] * 2, (torch.ones(4, 6), None), torch.ones(5))
+        cpu_kernels.gated_mlp(
+            torch.ones(2, 4), *[(torch.ones(6, 4), None)] * 2, (torch.ones(4, 6), None), torch.ones(5)
+        )
     with pytest.raises(ValueError, match=r"gated_mlp: down weight must be .* shape \(4, 6\)"):
-        cpu_kernels.gated_mlp(torch.ones(2, 4), (torch.ones(6, 4), None), (torch.ones(6, 4), None), (torch.ones(6, 4), None))
+        cpu_kernels.gated_mlp(
+            torch.ones(2, 4), (torch.ones(6, 4), None), (torch.ones(6, 4), None), (torch.ones(6, 4), None)
+        )
     drawn = sample_case()
     with pytest.raises(ValueError, match="uniform is needed exactly when temperature > 0"):
         cpu_kernels.sample_tokens(

@@ -1,8 +1,8 @@
 // The fast engine's CPU decode step: attention, RMSNorm, SiLU gating, float32 projections and sampling for
 // one new token per row, each one OpenMP region over rows, (row, KV head) pairs or weight tiles. Plain C++
 // with no torch headers, built and loaded by cpu_kernels.py. Compiled with -ffast-math: no code here forms
-// an infinity or compares a NaN where the result could index memory (masked scores are the lowest finite float; token order is an
-// integer key).
+// an infinity or compares a NaN where the result could index memory (masked scores are the lowest finite
+// float; token order is an integer key).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>

@@ -232,8 +232,9 @@ def linear(
     count = len(projections)
     pointers = ctypes.c_void_p * count
     load()["linear_float32"](
-        x.data_ptr(), _pointer(delta), _pointer(norm), eps, M, K, count, pointers(*(w.data_ptr() for w, _ in projections)),
-        pointers(*(_pointer(b) for _, b in projections)), pointers(*(out.data_ptr() for out in outs)),
+        x.data_ptr(), _pointer(delta), _pointer(norm), eps, M, K, count,
+        pointers(*(w.data_ptr() for w, _ in projections)), pointers(*(_pointer(b) for _, b in projections)),
+        pointers(*(out.data_ptr() for out in outs)),
         (ctypes.c_int64 * count)(*(out.shape[1] for out in outs)), torch.get_num_threads(),
     )
     return outs

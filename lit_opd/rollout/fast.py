@@ -203,7 +203,9 @@ class _Decoder:
         (logits,) = self._norm_project(x, delta, self.final_norm, self.lm_head)
         return logits.float()
 
-    def _norm_project(self, x: Tensor, delta: Tensor | None, norm: Tensor | None, *projections: Linear) -> list[Tensor]:
+    def _norm_project(
+        self, x: Tensor, delta: Tensor | None, norm: Tensor | None, *projections: Linear
+    ) -> list[Tensor]:
         """[F.linear(h, weight, bias) for each projection], h = x, or with a norm add_rms_norm(x, delta, norm)
         (x ← x + delta in place): one `cpu_kernels.linear` call in float32."""
         if self.dtype == torch.float32:
