@@ -449,7 +449,7 @@ void gated_mlp_float32(float* x, const float* delta, const float* norm, float ep
                        const float* gate, const float* up, const float* down, const float* gate_bias,
                        const float* up_bias, const float* down_bias, float* out, int threads) {
   const int64_t BP = (M + 15) / 16 * 16;
-  float* xt = scratch_floats((3 * H + 2 * I) * BP);
+  float* xt = scratch_floats((2 * H + 2 * I) * BP);  // xt [H, BP], gated and up_t [I, BP], yt [H, BP]
   float* gated = xt + H * BP;
   float* up_t = gated + I * BP;
   float* yt = up_t + I * BP;

@@ -197,9 +197,8 @@ class _Decoder:
                     x, layer.gate_proj, layer.up_proj, layer.down_proj, layer.post_norm, delta, self.eps
                 )
             else:
-                h = cpu_kernels.add_rms_norm(x, delta, layer.post_norm, self.eps)
-                gated = cpu_kernels.silu_mul(F.linear(h, *layer.gate_proj), F.linear(h, *layer.up_proj))
-                delta = F.linear(gated, *layer.down_proj)
+                gate, up = self._norm_project(x, delta, layer.post_norm, layer.gate_proj, layer.up_proj)
+                delta = F.linear(cpu_kernels.silu_mul(gate, up), *layer.down_proj)
         (logits,) = self._norm_project(x, delta, self.final_norm, self.lm_head)
         return logits.float()
 
