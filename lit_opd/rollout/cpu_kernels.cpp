@@ -57,15 +57,28 @@ static void rope(float* __restrict x, const T* __restrict cos, const T* __restri
     x[d] = rounded<T>(rounded<T>(x[d] * to_float(cos[d])) + scratch[d] * to_float(sin_signed[d]));
 }
 
+// Asks for the `D` elements at `row` to be brought into the L2 cache (prefetcht1), one request per 64-byte line.
+template <typename T>
+static inline void prefetch_row(const T* row, int64_t D) {
+  const char* bytes = reinterpret_cast<const char*>(row);
+  for (int64_t offset = 0; offset < D * static_cast<int64_t>(sizeof(T)); offset += 64)
+    __builtin_prefetch(bytes + offset, 0, 2);
+}
+
 // One (row, KV head) pair: G queries q [G, D] (float, pre-scaled) against L keys and values (rows l * stride).
 // Masked columns are never read: they score `lowest`, so exp() gives exactly 0 and no infinity is formed.
 // HEAD_DIM > 0 fixes D at compile time (fully unrolled inner loops); 0 takes it from `head_dim`.
+// next_k, next_v: the keys and values of the pair computed next (same strides), prefetched row by row as this
+// pair's are read: the cache streams from memory, and the hardware prefetcher alone leaves the loads waiting
+// on it (without this, attention took 1.3-1.9x as long in a rollout loop).
 template <typename T, int64_t HEAD_DIM>
 static void attend_pair(const float* __restrict q, const T* __restrict k, const T* __restrict v,
                         const bool* __restrict valid, T* __restrict out, int64_t G, int64_t L, int64_t head_dim,
-                        int64_t k_l, int64_t v_l, float* __restrict scores, float* __restrict acc) {
+                        int64_t k_l, int64_t v_l, float* __restrict scores, float* __restrict acc, const T* next_k,
+                        const T* next_v) {
   const int64_t D = HEAD_DIM > 0 ? HEAD_DIM : head_dim;
   for (int64_t l = 0; l < L; ++l) {
+    prefetch_row(next_k + l * k_l, D);
     const T* __restrict key = k + l * k_l;
     for (int64_t g = 0; g < G; ++g) {
       const float* __restrict qg = q + g * D;
@@ -90,6 +103,7 @@ static void attend_pair(const float* __restrict q, const T* __restrict k, const 
   }
   std::fill(acc, acc + G * D, 0.f);
   for (int64_t l = 0; l < L; ++l) {
+    prefetch_row(next_v + l * v_l, D);
     if (!valid[l]) continue;
     const T* __restrict value = v + l * v_l;
     for (int64_t g = 0; g < G; ++g) {
@@ -112,10 +126,12 @@ static void decode_attention(const T* q, const T* k, const T* v, const bool* val
     std::vector<float> query(G * D), scores(G * L), acc(G * D);
 #pragma omp for schedule(static)
     for (int64_t pair = 0; pair < B * H; ++pair) {
-      const int64_t b = pair / H, h = pair % H;
+      const int64_t b = pair / H, h = pair % H, next = std::min(pair + 1, B * H - 1);
+      const int64_t nb = next / H, nh = next % H;
       for (int64_t i = 0; i < G * D; ++i) query[i] = to_float(q[pair * G * D + i]) * scale;
       attend_pair<T, HEAD_DIM>(query.data(), k + b * k_b + h * k_h, v + b * v_b + h * v_h, valid + b * valid_b,
-                               out + pair * G * D, G, L, D, k_l, v_l, scores.data(), acc.data());
+                               out + pair * G * D, G, L, D, k_l, v_l, scores.data(), acc.data(),
+                               k + nb * k_b + nh * k_h, v + nb * v_b + nh * v_h);
     }
   }
 }
@@ -156,8 +172,9 @@ static void decode_layer_attention(const T* q, const T* k, const T* v, const T* 
         rope(qg, c, s, D, scratch.data());
         for (int64_t d = 0; d < D; ++d) qg[d] *= scale;
       }
+      const int64_t next = std::min(pair + 1, B * H - 1) * cache_len * D;
       attend_pair<T, HEAD_DIM>(query.data(), keys, values, valid + b * cache_len, out + pair * G * D, G, L, D, D, D,
-                               scores.data(), acc.data());
+                               scores.data(), acc.data(), cache_k + next, cache_v + next);
     }
   }
 }
