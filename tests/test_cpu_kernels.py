@@ -243,6 +243,18 @@ def test_linear_by_hand_reads_the_live_weight():
     torch.testing.assert_close(out, torch.tensor([[14.0, 20.0, 1.0], [-5.0, -7.0, 0.0]]))
 
 
+def test_linear_returns_float32_whatever_the_default_dtype():
+    x, weight = torch.tensor([[1.0, 2.0]]), torch.tensor([[3.0, 4.0], [5.0, 6.0]])
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        (out,) = cpu_kernels.linear(x, [(weight, None)])
+    finally:
+        torch.set_default_dtype(default)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, torch.tensor([[11.0, 17.0]]))
+
+
 @pytest.mark.parametrize(("M", "H", "I"), [(64, 256, 1024), (5, 24, 40), (33, 16, 7)])
 @pytest.mark.parametrize("bias", [False, True])
 def test_gated_mlp_is_hf_silu_mlp(M, H, I, bias):

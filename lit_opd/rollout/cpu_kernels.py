@@ -228,7 +228,7 @@ def linear(
     for index, (weight, bias) in enumerate(projections):
         _check("linear", {f"weight {index}": (weight, (weight.shape[0], K), torch.float32),
                           f"bias {index}": (bias, weight.shape[:1], torch.float32)})
-    outs = [torch.empty(M, weight.shape[0]) for weight, _ in projections]
+    outs = [torch.empty(M, weight.shape[0], dtype=torch.float32) for weight, _ in projections]
     count = len(projections)
     pointers = ctypes.c_void_p * count
     load()["linear_float32"](
