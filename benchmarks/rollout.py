@@ -1,8 +1,7 @@
 """Rollout throughput: HF `generate` (dynamic cache), HF `generate` (static cache; on CUDA HF then
-compiles the forward itself) and the fast engine (`StaticCacheEngine`: eager; on CPU also on PyTorch's
-ops instead of its C++ decode kernels, `fast_pytorch_ops`; on CUDA also with CUDA graphs), on
-random-weight Qwen3 models, sampling at temperature 1 with no EOS so that every row generates exactly
-`new_tokens` tokens.
+compiles the forward itself) and the static-KV-cache engine (`StaticCacheEngine`: eager, and on CUDA
+also with CUDA graphs), on random-weight Qwen3 models, sampling at temperature 1 with no EOS so
+that every row generates exactly `new_tokens` tokens.
 
 Shapes: "cpu" (4 layers, width 256, vocab 512, batch 64, prompt 32, 128 new tokens, float32) and
 "cpu-bf16" (the same in bfloat16, every engine) always;
@@ -39,7 +38,7 @@ import torch
 from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
 from lit_opd.rollout.engine import SamplingConfig
-from lit_opd.rollout.fast import StaticCacheEngine
+from lit_opd.rollout.static_cache import StaticCacheEngine
 
 TINY_QWEN3 = dict(
     vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=4,
@@ -61,8 +60,8 @@ SHAPES = {
     },
 }
 ENGINES = {
-    "cpu": ["hf_dynamic", "hf_static", "fast", "fast_pytorch_ops"],
-    "cuda": ["hf_dynamic", "hf_static", "fast", "fast_cuda_graphs"],
+    "cpu": ["hf_dynamic", "hf_static", "static"],
+    "cuda": ["hf_dynamic", "hf_static", "static", "static_cuda_graphs"],
 }
 
 
@@ -90,12 +89,10 @@ def generate_fn(engine: str, model, ids, mask, new_tokens: int):
                 model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config)
 
         return run
-    fast = StaticCacheEngine(
-        cuda_graphs=engine == "fast_cuda_graphs", cpu_decode_kernels=engine != "fast_pytorch_ops"
-    )
+    static = StaticCacheEngine(cuda_graphs=engine == "static_cuda_graphs")
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
     generator = torch.Generator(device=ids.device).manual_seed(0)
-    return lambda: fast.generate(model, ids, mask, sampling, [], 0, generator)
+    return lambda: static.generate(model, ids, mask, sampling, [], 0, generator)
 
 
 def timed(run, device: str) -> tuple[float, float]:

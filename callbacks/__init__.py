@@ -2,6 +2,5 @@
 
 from lit_opd.callbacks.export import ExportStudent
 from lit_opd.callbacks.pass_at_k import PassAtKEvaluation
-from lit_opd.callbacks.phased_teacher import PhasedTeacherSampling
 
-__all__ = ["ExportStudent", "PassAtKEvaluation", "PhasedTeacherSampling"]
+__all__ = ["ExportStudent", "PassAtKEvaluation"]

@@ -9,20 +9,23 @@ from lightning.pytorch.callbacks import Callback
 class ExportStudent(Callback):
     """Writes `dirpath/step_<N>` every `every_n_steps` optimiser steps (None: never) and
     `dirpath/final` at the end of fit, each loadable by `AutoModelForCausalLM.from_pretrained`
-    with the tokenizer beside it. Every rank calls the export (it gathers sharded weights);
-    rank 0 writes."""
+    with the tokenizer beside it; dirpath None: `<trainer.log_dir>/student`. Every rank calls the
+    export (it gathers sharded weights); rank 0 writes."""
 
-    def __init__(self, dirpath: str, every_n_steps: int | None = None):
+    def __init__(self, dirpath: str | None = None, every_n_steps: int | None = None):
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(f"ExportStudent.every_n_steps must be ≥ 1 or null, got {every_n_steps}")
         self.dirpath, self.every_n_steps = dirpath, every_n_steps
         self._exported_step = -1
 
+    def directory(self, trainer, name: str) -> str:
+        return os.path.join(self.dirpath or os.path.join(trainer.log_dir or ".", "student"), name)
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         step = trainer.global_step
         if self.every_n_steps and step % self.every_n_steps == 0 and step != self._exported_step:
             self._exported_step = step
-            pl_module.save_student_pretrained(os.path.join(self.dirpath, f"step_{step}"))
+            pl_module.save_student_pretrained(self.directory(trainer, f"step_{step}"))
 
     def on_train_end(self, trainer, pl_module) -> None:
-        pl_module.save_student_pretrained(os.path.join(self.dirpath, "final"))
+        pl_module.save_student_pretrained(self.directory(trainer, "final"))

@@ -52,7 +52,7 @@ class PassAtKEvaluation(L.Callback):
         output_dir: where the JSONL files go (None: the trainer's log_dir).
         save_responses: keep the response texts in the JSONL (else answers and verdicts only).
         seed: sampling seed (rank r uses seed·1000003 + r; every round restarts it, so rounds
-            differ by the weights only).
+            differ by the weights only); None: the module's `seed` (0 for a module without one).
     """
 
     def __init__(
@@ -74,7 +74,7 @@ class PassAtKEvaluation(L.Callback):
         verify_workers: int | None = None,
         output_dir: str | None = None,
         save_responses: bool = True,
-        seed: int = 0,
+        seed: int | None = None,
         progress: bool = True,
     ):
         names = [benchmark_name(source) for source in benchmarks]
@@ -171,7 +171,8 @@ class PassAtKEvaluation(L.Callback):
         template = PromptTemplate(
             chat=pl_module.prompt_template.chat if self.chat is None else self.chat, instruction=self.instruction
         )
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + rank)
+        seed = getattr(pl_module, "seed", 0) if self.seed is None else self.seed
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
         shards = {}
         for name, problems in self.problems.items():
             indices = list(range(rank, len(problems), world))

@@ -1,120 +1,47 @@
-"""`lit-opd`: LightningCLI (fit | validate | test) plus `report` and `quickstart`."""
+"""`lit-opd`: one table of subcommands.
 
-import os
+    lit-opd fit --config opd_block64            train a variant (LightningCLI; --help for every key)
+    lit-opd validate|test --config eval.yaml     pass@k of a checkpoint or a plain HF model
+    lit-opd report RUN [RUN ...] --output DIR    markdown table and plot of pass@k over runs
+    lit-opd quickstart                           the offline end-to-end demo on a CPU
+"""
+
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from typing import NamedTuple
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
-
-from lit_opd.checkpointing import (
-    check_resume_layout,
-    find_last_checkpoint,
-    one_line,
-    read_checkpoint,
-    resume_layout,
-    use_atomic_checkpoint_io,
-)
-from lit_opd.data.prompts import PromptDataModule
+from lit_opd import quickstart, report
+from lit_opd.configs import shipped_configs
+from lit_opd.lightning_cli import run_lightning
 
 
-class OPDCLI(LightningCLI):
-    """LightningCLI with the tokenizer set once (data.tokenizer → model.init_args.tokenizer) and
-    checkpoints written atomically. `--ckpt_path` is resolved and checked before any model loads:
-    `last` is the newest last.ckpt of earlier runs under the same logger name (a resumed fit logs
-    and checkpoints on in that run's version directory, beside its config.yaml, which it leaves
-    alone), a path must be a readable checkpoint, and a fit resumes only with the settings the
-    checkpoint's rollout buffer and data position depend on."""
+class Subcommand(NamedTuple):
+    run: Callable[[list[str]], object]
+    help: str
+    lightning: bool = False
 
-    def add_arguments_to_parser(self, parser) -> None:
-        parser.link_arguments("data.tokenizer", "model.init_args.tokenizer")
 
-    def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        path = self.config[subcommand].get("ckpt_path") if subcommand else None
-        if path is not None and Path(path).is_file():
-            read_checkpoint(path)  # LightningCLI reads it next, for its hyperparameters: fail here, clearly
+SUBCOMMANDS = {
+    "fit": Subcommand(run_lightning, "train a variant from configs (LightningCLI)", lightning=True),
+    "validate": Subcommand(run_lightning, "pass@k of a checkpoint or a plain HF model", lightning=True),
+    "test": Subcommand(run_lightning, "the same as validate, logged as test", lightning=True),
+    "report": Subcommand(report.main, "markdown table and plot of pass@k for runs"),
+    "quickstart": Subcommand(quickstart.main, "the offline end-to-end demo: data, SFT, OPD, pass@k on a CPU"),
+}
 
-    def instantiate_trainer(self, **kwargs):
-        trainer = super().instantiate_trainer(**kwargs)
-        use_atomic_checkpoint_io(trainer)
-        return trainer
 
-    def before_fit(self) -> None:
-        self.resolve_checkpoint("fit")
-
-    def before_validate(self) -> None:
-        self.resolve_checkpoint("validate")
-
-    def before_test(self) -> None:
-        self.resolve_checkpoint("test")
-
-    def resolve_checkpoint(self, subcommand: str) -> None:
-        config = self.config_init[subcommand]
-        path = config.get("ckpt_path")
-        if path == "last":
-            path = find_last_checkpoint(self.trainer, continue_run=subcommand == "fit")
-            if path is None and subcommand != "fit":
-                raise ValueError("--ckpt_path last: no earlier run of this config has a last.ckpt; give its path")
-            if path is None:
-                return  # Lightning warns and starts afresh: `last` may be set before a run's first start
-            config["ckpt_path"] = path
-        if path is None or path in ("best", "hpc") or str(path).startswith("registry") or "://" in str(path):
-            return
-        if not Path(path).exists():
-            raise ValueError(f"--ckpt_path {path}: no such checkpoint file")
-        checkpoint = read_checkpoint(path)
-        if subcommand != "fit":
-            return
-        if "lit_opd" in checkpoint and hasattr(self.model, "teacher_path"):
-            layout = resume_layout(self.model, self.datamodule, self.trainer)
-            check_resume_layout(checkpoint["lit_opd"]["layout"], layout, path)
-        for callback in self.trainer.callbacks:
-            if isinstance(callback, SaveConfigCallback) and self.trainer.log_dir is not None:
-                if os.path.exists(os.path.join(self.trainer.log_dir, callback.config_filename)):
-                    callback.config_filename = f"config_resume_step{checkpoint['global_step']}.yaml"
+def usage() -> str:
+    rows = "\n".join(f"  {name:<11} {command.help}" for name, command in SUBCOMMANDS.items())
+    return (f"usage: lit-opd <subcommand> [options]   (lit-opd <subcommand> --help for its options)\n\n"
+            f"subcommands:\n{rows}\n\nshipped configs (--config NAME): {', '.join(shipped_configs())}")
 
 
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
-    if argv and argv[0] == "report":
-        from lit_opd.report import main as report_main
-
-        report_main(argv[1:])
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
         return
-    if argv and argv[0] == "quickstart":
-        from lit_opd.quickstart import main as quickstart_main
-
-        quickstart_main(argv[1:])  # its summary dict is for Python callers: as an exit code it would read as an error
-        return
-    try:
-        OPDCLI(
-            datamodule_class=PromptDataModule,
-            subclass_mode_model=True,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
-    except ValueError as error:
-        input_error = lit_opd_input_error(error)
-        if input_error is None:
-            raise
-        sys.exit(f"lit-opd: error: {one_line(input_error)}")
-
-
-def lit_opd_input_error(error: BaseException) -> ValueError | None:
-    """The ValueError that lit_opd's own code raised and `error` is or wraps (jsonargparse wraps
-    errors raised while it instantiates the model), or None. lit_opd raises ValueError for bad
-    input, with a message that names the field, file or line: one line says it all. Any other
-    error keeps its traceback, and so do `lit_opd._checks`' checks of tensors inside the math,
-    which fail on bugs, not on input."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        frame = error.__traceback__
-        while frame is not None and frame.tb_next is not None:
-            frame = frame.tb_next
-        module = frame.tb_frame.f_globals.get("__name__", "") if frame is not None else ""
-        if isinstance(error, ValueError) and module.split(".")[0] == "lit_opd" and module != "lit_opd._checks":
-            return error
-        error = error.__cause__ or error.__context__
-    return None
+    command = SUBCOMMANDS.get(argv[0])
+    if command is None:
+        sys.exit(f"lit-opd: error: unknown subcommand {argv[0]!r}\n{usage()}")
+    command.run(argv if command.lightning else argv[1:])

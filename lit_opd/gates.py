@@ -169,10 +169,15 @@ def sign_consistency_gate(
     if correct.shape != mask.shape[:1]:
         raise ValueError(f"correct must be [B] = [{mask.shape[0]}], got shape {tuple(correct.shape)}")
     check_finite(mask, logp=logp, teacher_logp=teacher_logp)
-    teacher_up = teacher_logp.detach() >= logp.detach()
-    agree = teacher_up == correct.bool()[:, None]
+    agree = sign_agreement(logp, teacher_logp, correct)
     gate = torch.full(mask.shape, beta, dtype=logp.dtype, device=logp.device).masked_fill(agree, 1.0 + alpha)
     return gate.masked_fill(~mask, 0.0)
+
+
+def sign_agreement(logp: Tensor, teacher_logp: Tensor, correct: Tensor) -> Tensor:
+    """bool [B, T]: the sign gate's decision, s_T,t = s_V (see `sign_consistency_gate`)."""
+    teacher_up = teacher_logp.detach() >= logp.detach()
+    return teacher_up == correct.bool()[:, None]
 
 
 def global_masked_mean(values: Tensor, mask: Tensor) -> Tensor:
@@ -191,14 +196,21 @@ class Gate:
 
     `batch` is a rollout mini-batch (keys: response_ids, response_mask, old_logp, teacher_logp,
     correct, ...); `logp` [B, T] is log π_θ of the sampled tokens. Gates are given in YAML by
-    class_path and composed by product.
+    class_path and composed by product. A gate with `needs_verdicts` makes rollout collection
+    verify every row (`batch["correct"]`, bool [B]).
     """
+
+    needs_verdicts: bool = False
 
     def prepare(self, tokenizer) -> None:
         """Called once with the tokenizer before training (e.g. to find delimiter tokens)."""
 
     def __call__(self, batch: dict[str, Tensor], logp: Tensor) -> Tensor:
         raise NotImplementedError
+
+    def statistics(self, batch: dict[str, Tensor], logp: Tensor) -> dict[str, Tensor]:
+        """Scalars this gate logs each step, by TensorBoard tag (none by default)."""
+        return {}
 
 
 class DriftGate(Gate):
@@ -252,7 +264,11 @@ class DriftGate(Gate):
 
 class SignConsistencyGate(Gate):
     """SG-OPD's sign-consistency gate (`sign_consistency_gate`): 1 + alpha where the teacher's
-    direction agrees with the verifier's, beta (0 ≤ beta < 1) where it does not."""
+    direction agrees with the verifier's, beta (0 ≤ beta < 1) where it does not. It needs verifier verdicts: rollout collection verifies every row
+    when this gate is configured. Logs train/sign_agree_fraction (the fraction of response tokens
+    where the two directions agree)."""
+
+    needs_verdicts = True
 
     def __init__(self, alpha: float = 0.5, beta: float = 0.5):
         if alpha < 0:
@@ -262,8 +278,11 @@ class SignConsistencyGate(Gate):
         self.alpha, self.beta = alpha, beta
 
     def __call__(self, batch, logp):
-        if "correct" not in batch:
-            raise ValueError("SignConsistencyGate needs verifier verdicts: use the SGOPD module (it verifies rollouts)")
         return sign_consistency_gate(
             logp, batch["teacher_logp"], batch["correct"], batch["response_mask"], self.alpha, self.beta
         )
+
+    def statistics(self, batch, logp):
+        mask = batch["response_mask"]
+        agree = sign_agreement(logp, batch["teacher_logp"], batch["correct"])
+        return {"train/sign_agree_fraction": (agree & mask).sum() / mask.sum().clamp(min=1)}

@@ -11,26 +11,29 @@ rerun alone):
   student  a Qwen3 of the teacher's shape warm-started briefly (300 SFT steps to the teacher's 600)
            on the same data, saved likewise.
   opd      OPD with the Block64 drift gate, student ← teacher, on the student's own samples:
-           Teacher-TopK local support matching (`configs/quickstart/topk_lsm_block64.yaml` through
-           `lit_opd.cli`); its TensorBoard holds eval/heldout/pass@<k> at step 0 and at the end.
+           Teacher-TopK local support matching (`lit-opd fit` on configs/quickstart/base.yaml and
+           topk_lsm_block64.yaml, run in the output directory); its TensorBoard holds
+           eval/heldout/pass@<k> at step 0 and at the end.
   opd_sampled, sg_opd
            (not run by default) sampled-token OPD and SG-OPD (phased teacher sampling), both with
            the Block64 gate, from the same warm-started student for the same steps
-           (`configs/quickstart/opd_sampled_block64.yaml`, `configs/quickstart/sg_opd.yaml`).
+           (configs/quickstart/opd_sampled_block64.yaml, configs/quickstart/sg_opd.yaml).
   eval     pass@1 and pass@8 on the held-out problems of the teacher, the student before OPD and
            each distilled student that exists; a table in the terminal and `results.json`.
+What the stages run (task, model shapes, SFT steps, evaluation) is a `QuickstartSettings`.
 """
 
 import argparse
 import json
+import os
 import time
-from dataclasses import asdict, dataclass, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
 import lightning as L
 import torch
-import yaml
 from lightning.pytorch.loggers import TensorBoardLogger
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -39,6 +42,7 @@ from lit_opd.data.char_tokenizer import build_char_tokenizer
 from lit_opd.data.synthetic import ArithmeticTask, make_splits, write_jsonl
 from lit_opd.data.templates import PromptTemplate
 from lit_opd.evaluation import evaluate, model_generate_fn
+from lit_opd.lightning_cli import fit_run
 from lit_opd.modules.sft import SFTDataModule, SFTModule
 from lit_opd.rollout.engine import SamplingConfig
 from lit_opd.tiny import tiny_qwen3
@@ -46,15 +50,13 @@ from lit_opd.verify import Verifier
 
 STAGES = ("data", "teacher", "student", "opd", "opd_sampled", "sg_opd", "eval")
 DEFAULT_STAGES = ("data", "teacher", "student", "opd", "eval")
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "quickstart"
 
 
 class DistillStage(NamedTuple):
-    """A distillation stage: the config it runs, the HF checkpoint it writes (under models/) and
-    the method's name in the results table."""
+    """A distillation stage: its config over quickstart/base (a shipped config's name, also its
+    run's name under logs/) and the method's name in the results table."""
 
-    config: Path
-    output: str
+    config: str
     method: str
 
     @property
@@ -64,19 +66,10 @@ class DistillStage(NamedTuple):
 
 
 DISTILL_STAGES = {
-    "opd": DistillStage(CONFIGS / "topk_lsm_block64.yaml", "student_opd", "OPD"),
-    "opd_sampled": DistillStage(CONFIGS / "opd_sampled_block64.yaml", "student_opd_sampled", "sampled-token OPD"),
-    "sg_opd": DistillStage(CONFIGS / "sg_opd.yaml", "student_sg_opd", "SG-OPD"),
+    "opd": DistillStage("topk_lsm_block64", "OPD"),
+    "opd_sampled": DistillStage("opd_sampled_block64", "sampled-token OPD"),
+    "sg_opd": DistillStage("sg_opd", "SG-OPD"),
 }
-
-TASK = ArithmeticTask(min_operands=3, max_operands=4, max_operand=9, max_factor=5, max_value=99)
-NUM_TRAIN, NUM_HELDOUT = 20_000, 200
-# The prompt is the bare problem in the chat template: the task's format is learned by SFT, and
-# a short prompt keeps every forward pass on the CPU cheap.
-TEMPLATE = PromptTemplate(chat=True, instruction="")
-MAX_LENGTH = 128  # prompt + solution + EOS tokens; the longest row is about 100
-EVAL_N, EVAL_KS = 8, (1, 8)
-EVAL_SAMPLING = SamplingConfig(max_new_tokens=96, temperature=1.0)
 
 
 @dataclass(frozen=True)
@@ -96,7 +89,29 @@ class SFTRecipe:
 
 TEACHER = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, steps=600, batch_size=32,
                     lr=3e-3, warmup_steps=30, init_seed=1)
-STUDENT = replace(TEACHER, steps=300, init_seed=2)  # the teacher's shape, less trained
+
+
+@dataclass(frozen=True)
+class QuickstartSettings:
+    """What the stages run. task: the synthetic task (num_train / num_heldout problems);
+    template: the prompt (the bare problem in the chat template: the task's format is learned
+    by SFT, and a short prompt keeps every forward pass on the CPU cheap); max_length: SFT rows'
+    prompt + solution + EOS tokens (the longest is about 100); teacher / student: SFT recipes
+    (the student has the teacher's shape, less trained); eval_n, eval_ks, eval_sampling: the
+    eval stage's pass@k; fit_args: more `lit-opd fit` arguments for every distillation stage,
+    after its configs (e.g. a `--config` of smaller settings)."""
+
+    task: ArithmeticTask = ArithmeticTask(min_operands=3, max_operands=4, max_operand=9, max_factor=5, max_value=99)
+    num_train: int = 20_000
+    num_heldout: int = 200
+    template: PromptTemplate = PromptTemplate(chat=True, instruction="")
+    max_length: int = 128
+    teacher: SFTRecipe = TEACHER
+    student: SFTRecipe = replace(TEACHER, steps=300, init_seed=2)
+    eval_n: int = 8
+    eval_ks: tuple[int, ...] = (1, 8)
+    eval_sampling: SamplingConfig = SamplingConfig(max_new_tokens=96, temperature=1.0)
+    fit_args: tuple[str, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True)
@@ -118,8 +133,12 @@ class Layout:
         return self.root / "tokenizer"
 
     def model(self, name: str) -> Path:
-        """HF checkpoints: "teacher", "student" (warm-started) and each DISTILL_STAGES output."""
+        """HF checkpoints of the SFT stages: "teacher" and "student" (warm-started)."""
         return self.root / "models" / name
+
+    def distilled(self, stage: DistillStage) -> Path:
+        """The student a distillation stage exports (ExportStudent under its log directory)."""
+        return self.logs / stage.config / "student" / "final"
 
     @property
     def logs(self) -> Path:
@@ -135,17 +154,18 @@ class Layout:
         return path
 
 
-def build_data(layout: Layout, seed: int) -> None:
+def build_data(layout: Layout, settings: QuickstartSettings, seed: int) -> None:
     tokenizer = build_char_tokenizer()
     tokenizer.save_pretrained(layout.tokenizer)
-    train, heldout = make_splits(TASK, NUM_TRAIN, NUM_HELDOUT, seed=seed)
+    train, heldout = make_splits(settings.task, settings.num_train, settings.num_heldout, seed=seed)
     write_jsonl(train, layout.train)
     write_jsonl(heldout, layout.heldout)
     print(f"data: {len(train)} train and {len(heldout)} held-out problems in {layout.train.parent}, e.g.")
     print(f"  {heldout[0]['problem']}\n  " + heldout[0]["solution"].replace("\n\n", "\n  "))
 
 
-def train_sft(layout: Layout, name: str, recipe: SFTRecipe, seed: int) -> None:
+def train_sft(layout: Layout, name: str, recipe: SFTRecipe, template: PromptTemplate, max_length: int,
+              seed: int) -> None:
     """A fresh tiny Qwen3 of `recipe`'s shape, SFT for recipe.steps, saved to layout.model(name)."""
     tokenizer = AutoTokenizer.from_pretrained(layout.require(layout.tokenizer, "data"))
     layout.require(layout.train, "data")
@@ -154,8 +174,8 @@ def train_sft(layout: Layout, name: str, recipe: SFTRecipe, seed: int) -> None:
                        seed=recipe.init_seed + 1000 * seed)
     model.save_pretrained(init)
     tokenizer.save_pretrained(init)
-    data = SFTDataModule(str(layout.tokenizer), str(layout.train), chat_template=TEMPLATE.chat,
-                         instruction=TEMPLATE.instruction, max_length=MAX_LENGTH, batch_size=recipe.batch_size,
+    data = SFTDataModule(str(layout.tokenizer), str(layout.train), chat_template=template.chat,
+                         instruction=template.instruction, max_length=max_length, batch_size=recipe.batch_size,
                          seed=seed)
     module = SFTModule(str(init), str(layout.tokenizer), lr=recipe.lr, warmup_steps=recipe.warmup_steps)
     trainer = L.Trainer(
@@ -174,53 +194,34 @@ def train_sft(layout: Layout, name: str, recipe: SFTRecipe, seed: int) -> None:
           f"final train/loss {trainer.callback_metrics['train/loss'].item():.3f} → {layout.model(name)}")
 
 
-class SaveStudent(L.Callback):
-    """Writes the distilled student as a HF checkpoint at the end of fit, so the next stage (or
-    any HF tool) loads it with `from_pretrained`."""
-
-    def __init__(self, path: str):
-        self.path = path
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.save_student_pretrained(self.path)
-
-
-def distill_config(layout: Layout, stage: str, seed: int) -> dict:
-    """The stage's config (configs/quickstart/<name>.yaml) with this run's paths and seed filled in."""
-    config_path, output, _ = DISTILL_STAGES[stage]
-    config = yaml.safe_load(config_path.read_text())
-    model, data, trainer = config["model"]["init_args"], config["data"], config["trainer"]
-    model["student"] = str(layout.require(layout.model("student"), "student"))
-    model["teacher"] = str(layout.require(layout.model("teacher"), "teacher"))
-    model["seed"] = seed
-    data.update(tokenizer=model["student"], train_data=str(layout.require(layout.train, "data")), seed=seed)
-    trainer["logger"]["init_args"]["save_dir"] = str(layout.logs)
-    for callback in trainer["callbacks"]:
-        if callback["class_path"].endswith("PassAtKEvaluation"):
-            callback["init_args"].update(benchmarks=[str(layout.heldout)], seed=seed)
-        elif callback["class_path"].endswith("SaveStudent"):
-            callback["init_args"]["path"] = str(layout.model(output))
-    return config
+@contextmanager
+def working_directory(path: Path):
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
 
 
-def run_distillation(layout: Layout, stage: str, seed: int) -> None:
-    """`lit-opd fit` on the stage's config, written beside the outputs first
-    (`<output-dir>/<name>.yaml`, rerunnable as is); the distilled student is saved as a HF
-    checkpoint (`models/<the stage's output>`)."""
-    from lit_opd.cli import main as cli_main
+def run_distillation(layout: Layout, stage: DistillStage, settings: QuickstartSettings, seed: int) -> None:
+    """`lit-opd fit --config quickstart/base --config quickstart/<stage> --model.init_args.seed
+    <seed> --data.seed <seed>` in the output directory (the configs' paths are relative to it)."""
+    layout.require(layout.model("student"), "student")
+    layout.require(layout.model("teacher"), "teacher")
+    layout.require(layout.train, "data")
+    with working_directory(layout.root):
+        fit_run(["quickstart/base", f"quickstart/{stage.config}"],
+                [f"--model.init_args.seed={seed}", f"--data.seed={seed}", *settings.fit_args])
 
-    path = layout.root / DISTILL_STAGES[stage].config.name
-    path.write_text(yaml.safe_dump(distill_config(layout, stage, seed), sort_keys=False))
-    cli_main(["fit", "--config", str(path)])
 
-
-def evaluate_models(layout: Layout, seed: int) -> dict[str, dict[str, float]]:
+def evaluate_models(layout: Layout, settings: QuickstartSettings, seed: int) -> dict[str, dict[str, float]]:
     """pass@k on the held-out problems of each model that exists; prints a table."""
     problems = load_problems(str(layout.require(layout.heldout, "data")))
     models = {
         "teacher": layout.model("teacher"),
         "student (before OPD)": layout.model("student"),
-        **{stage.label: layout.model(stage.output) for stage in DISTILL_STAGES.values()},
+        **{stage.label: layout.distilled(stage) for stage in DISTILL_STAGES.values()},
     }
     results = {}
     with Verifier(timeout=5.0) as verifier:
@@ -231,26 +232,27 @@ def evaluate_models(layout: Layout, seed: int) -> dict[str, dict[str, float]]:
             model = AutoModelForCausalLM.from_pretrained(path).eval()
             started = time.perf_counter()
             per_problem = evaluate(
-                problems, model_generate_fn(model, tokenizer), tokenizer, TEMPLATE, EVAL_SAMPLING, EVAL_N, EVAL_KS,
+                problems, model_generate_fn(model, tokenizer), tokenizer, settings.template, settings.eval_sampling,
+                settings.eval_n, settings.eval_ks,
                 torch.Generator().manual_seed(seed), verifier, batch_size=256, progress=False,
             )
-            scores = {f"pass@{k}": sum(r.pass_at_k[k] for r in per_problem) / len(per_problem) for k in EVAL_KS}
+            scores = {f"pass@{k}": sum(r.pass_at_k[k] for r in per_problem) / len(per_problem) for k in settings.eval_ks}
             scores["seconds"] = time.perf_counter() - started
             results[label] = scores
-    print(format_table(results, len(problems)))
+    print(format_table(results, len(problems), settings.eval_ks))
     return results
 
 
-def format_table(results: dict[str, dict[str, float]], num_problems: int) -> str:
-    header = f"{'held-out (' + str(num_problems) + ' problems)':<36}" + "".join(f"{f'pass@{k}':>10}" for k in EVAL_KS)
+def format_table(results: dict[str, dict[str, float]], num_problems: int, ks: tuple[int, ...]) -> str:
+    header = f"{'held-out (' + str(num_problems) + ' problems)':<36}" + "".join(f"{f'pass@{k}':>10}" for k in ks)
     lines = [header, "-" * len(header)]
     for label, scores in results.items():
-        lines.append(f"{label:<36}" + "".join(f"{scores[f'pass@{k}']:>10.3f}" for k in EVAL_KS))
+        lines.append(f"{label:<36}" + "".join(f"{scores[f'pass@{k}']:>10.3f}" for k in ks))
     before = results.get("student (before OPD)")
     for stage in DISTILL_STAGES.values():
         after = results.get(stage.label)
         if before and after:
-            gains = "".join(f"{after[f'pass@{k}'] - before[f'pass@{k}']:>+10.3f}" for k in EVAL_KS)
+            gains = "".join(f"{after[f'pass@{k}'] - before[f'pass@{k}']:>+10.3f}" for k in ks)
             lines.append(f"{stage.method + ' gain':<36}" + gains)
     return "\n".join(lines)
 
@@ -263,6 +265,34 @@ def parse_stages(text: str) -> list[str]:
     return [s for s in STAGES if s in stages]
 
 
+def run(output_dir: str | Path, stages: list[str], seed: int = 0,
+        settings: QuickstartSettings = QuickstartSettings()) -> dict:
+    """Run `stages` (in STAGES order) into `output_dir`; the summary also written to results.json
+    when the eval stage ran."""
+    L.seed_everything(seed, verbose=False)
+    layout = Layout(Path(output_dir).resolve())
+    seconds, results = {}, {}
+    for stage in stages:
+        started = time.perf_counter()
+        if stage == "data":
+            build_data(layout, settings, seed)
+        elif stage in ("teacher", "student"):
+            recipe = settings.teacher if stage == "teacher" else settings.student
+            train_sft(layout, stage, recipe, settings.template, settings.max_length, seed)
+        elif stage in DISTILL_STAGES:
+            run_distillation(layout, DISTILL_STAGES[stage], settings, seed)
+        elif stage == "eval":
+            results = evaluate_models(layout, settings, seed)
+        seconds[stage] = time.perf_counter() - started
+        print(f"[quickstart] {stage}: {seconds[stage]:.0f} s")
+    summary = {"seconds": seconds, "results": results, "task": asdict(settings.task),
+               "teacher": asdict(settings.teacher), "student": asdict(settings.student)}
+    if results:
+        layout.results.write_text(json.dumps(summary, indent=2))
+    print(f"[quickstart] total {sum(seconds.values()):.0f} s; outputs in {layout.root}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="lit-opd quickstart", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output-dir", default="quickstart_runs", help="where every stage writes (default: %(default)s)")
@@ -273,30 +303,4 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    L.seed_everything(args.seed, verbose=False)
-    layout = Layout(Path(args.output_dir))
-    seconds, results = {}, {}
-    for stage in args.stages:
-        started = time.perf_counter()
-        if stage == "data":
-            build_data(layout, args.seed)
-        elif stage == "teacher":
-            train_sft(layout, "teacher", TEACHER, args.seed)
-        elif stage == "student":
-            train_sft(layout, "student", STUDENT, args.seed)
-        elif stage in DISTILL_STAGES:
-            run_distillation(layout, stage, args.seed)
-        elif stage == "eval":
-            results = evaluate_models(layout, args.seed)
-        seconds[stage] = time.perf_counter() - started
-        print(f"[quickstart] {stage}: {seconds[stage]:.0f} s")
-    summary = {"seconds": seconds, "results": results, "task": asdict(TASK),
-               "teacher": asdict(TEACHER), "student": asdict(STUDENT)}
-    if results:
-        layout.results.write_text(json.dumps(summary, indent=2))
-    print(f"[quickstart] total {sum(seconds.values()):.0f} s; outputs in {layout.root}")
-    return summary
-
-
-if __name__ == "__main__":
-    main()
+    return run(args.output_dir, args.stages, args.seed)

@@ -6,8 +6,8 @@ Layout of a sharded `CausalLMScorer`: each decoder layer is one FSDP unit (gathe
 forward and backward), the scorer is the root unit (embeddings, final norm, lm_head), so every
 forward through the scorer gathers the root around the whole log-prob computation.
 
-Rollouts gather the whole model once (`gathered`) instead of layer by layer per token: the fast
-engine reads the gathered weights and runs no collective, so each rank stops generating when its
+Rollouts gather the whole model once (`gathered`) instead of layer by layer per token: the
+static-KV-cache engine reads the gathered weights and runs no collective, so each rank stops generating when its
 own rows are done (HF `generate`, the fallback, keeps the ranks in step itself: transformers
 turns on `synced_gpus` for FSDP-managed models). The price is one full copy of the model per
 rank while generating.
@@ -16,6 +16,7 @@ rank while generating.
 from contextlib import contextmanager
 
 import torch
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
@@ -95,6 +96,25 @@ def wrap_scorer_fsdp1(scorer: nn.Module, strategy) -> FullyShardedDataParallel:
         device_id=strategy.root_device,
         **kwargs,
     )
+
+
+def shard_scorers(module, policy: nn.Module, teacher: nn.Module, shard_teacher: bool) -> tuple[nn.Module, nn.Module]:
+    """The student and teacher scorers of the LightningModule `module` sharded for its trainer's
+    strategy: FSDP2 (`ModelParallelStrategy`): `shard_scorer` on its device mesh, mixed precision
+    from trainer.precision; FSDP1 (`FSDPStrategy`): `wrap_scorer_fsdp1` with the strategy's
+    settings. The teacher is sharded like the student with `shard_teacher`, else kept whole on
+    every rank. Returns (policy, teacher): FSDP1 wraps, FSDP2 shards in place."""
+    strategy = module.trainer.strategy
+    if isinstance(strategy, FSDPStrategy):
+        policy = wrap_scorer_fsdp1(policy, strategy)
+        if shard_teacher:
+            return policy, wrap_scorer_fsdp1(teacher, strategy)
+        return policy, teacher.to(strategy.root_device)  # FSDPStrategy moves no module itself
+    mesh, mp_policy = fsdp_mesh(module.device_mesh), mixed_precision_policy(module.trainer.precision)
+    shard_scorer(policy, mesh, mp_policy)
+    if shard_teacher:
+        shard_scorer(teacher, mesh, mp_policy)
+    return policy, teacher
 
 
 def is_sharded(module: nn.Module) -> bool:

@@ -47,7 +47,8 @@ def workspace(tiny_checkpoints, tmp_path_factory):
             "init_args": {"student": tiny_checkpoints["student"], "teacher": tiny_checkpoints["teacher"],
                           "dtype": "float32", "rollout": {"num_samples": 2, "max_new_tokens": 4}},
         },
-        "data": {"tokenizer": tiny_checkpoints["student"], "train_data": str(train), "instruction": "",
+        "data": {"tokenizer": tiny_checkpoints["student"], "train_data": str(train), "prompt_field": "problem",
+                 "answer_field": "answer", "instruction": "",
                  "max_prompt_length": 64, "prompts_per_rollout": 2, "reuse": 1},
     }
     fit_config = root / "fit.yaml"
@@ -110,16 +111,16 @@ def digests(directory: Path) -> dict[str, str]:
 @pytest.fixture
 def model_loads(monkeypatch):
     """The roles of the models loaded (training modules and PolicyEvaluation)."""
-    import lit_opd.modules.mixin as mixin
+    import lit_opd.modules.base as base
     import lit_opd.modules.policy as policy
 
-    loads, load = [], mixin.load_causal_lm
+    loads, load = [], base.load_causal_lm
 
-    def counted(path, dtype, role):
+    def counted(path, dtype, role, tokenizer=None):
         loads.append(role)
-        return load(path, dtype, role)
+        return load(path, dtype, role, tokenizer)
 
-    monkeypatch.setattr(mixin, "load_causal_lm", counted)
+    monkeypatch.setattr(base, "load_causal_lm", counted)
     monkeypatch.setattr(policy, "load_causal_lm", counted)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # a name that is no dataset fails fast
     return loads

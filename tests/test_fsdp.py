@@ -38,7 +38,7 @@ from helpers_cli import tiny_args
 from lit_opd.cli import main
 from lit_opd.logprobs import CausalLMScorer
 from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig
-from lit_opd.rollout.fast import StaticCacheEngine
+from lit_opd.rollout.static_cache import StaticCacheEngine
 from lit_opd.sharding import gathered, shard_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +262,7 @@ def test_sharded_run_exports_a_plain_hf_checkpoint(opd_sharded):
 
 def gathered_worker(rank: int, world: int, port: int, checkpoint: str) -> None:
     """One of two gloo ranks: inside `gathered` the student is whole and plain on every rank; the
-    fast engine runs no collective (rank 1 generates twice, rank 0 once); HF generate runs once
+    static-KV-cache engine runs no collective (rank 1 generates twice, rank 0 once); HF generate runs once
     per rank (transformers keeps FSDP-managed ranks in step itself: synced_gpus). After it the
     scorer is sharded again and a forward (all-gathers on both ranks) still lines up."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))

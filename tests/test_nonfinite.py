@@ -39,8 +39,8 @@ class Poisoned(SampledTokenOPD):
     scored), "student" (NaN logits in the training forward), "loss" (a NaN position loss) or
     "gradients" (a position loss of √|x − sg(x)|: value 0, gradient NaN) at the steps in `steps`."""
 
-    def __init__(self, *args, poison: str, steps: set[int], **kwargs):
-        super().__init__(*args, **kwargs)
+    def __init__(self, *, poison: str, steps: set[int], **kwargs):
+        super().__init__(**kwargs)
         self.poison, self.steps = poison, steps
 
     def fill_buffer(self, batch):
@@ -76,7 +76,7 @@ class WeightsPerStep(L.Callback):
 
 def fit(checkpoints, prompts_file, poison, steps, max_steps=6, max_nonfinite_steps=3):
     module = Poisoned(
-        checkpoints["student"], checkpoints["teacher"], dtype="float32", poison=poison, steps=steps,
+        student=checkpoints["student"], teacher=checkpoints["teacher"], dtype="float32", poison=poison, steps=steps,
         rollout=RolloutConfig(num_samples=2, max_new_tokens=8), optim=OptimConfig(lr=1e-2),
         max_nonfinite_steps=max_nonfinite_steps,
     )
@@ -111,7 +111,7 @@ def test_nonfinite_steps_are_skipped_counted_and_training_goes_on(poison, warnin
     assert sum("skipping this step" in str(w.message) for w in warned) == 2
     assert trainer.global_step == 6
     assert trainer.callback_metrics["train/nonfinite_skipped"].item() == 2.0
-    assert module.nonfinite_in_a_row == 0
+    assert module.guard.in_a_row == 0
 
     weights = recorder.weights  # after steps 1..6
     moved = [not all(torch.equal(a, b) for a, b in zip(before, after)) for before, after in zip(weights, weights[1:])]
@@ -129,6 +129,6 @@ def test_too_many_nonfinite_steps_in_a_row_stop_the_run(poison, last, tiny_check
         with pytest.raises(RuntimeError, match=rf"2 steps in a row skipped for non-finite values, the last: "
                            rf"non-finite {last} .*model.max_nonfinite_steps=2.*stopping the run"):
             trainer.fit(module, data)
-    assert module.nonfinite_skipped == 2
+    assert module.guard.skipped == 2
     assert len(recorder.weights) == 3  # steps 1, 2 and the skipped step 3; step 4 raised
     assert all(torch.equal(a, b) for a, b in zip(recorder.weights[1], recorder.weights[2]))

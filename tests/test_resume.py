@@ -21,7 +21,7 @@ from lit_opd.checkpointing import AtomicCheckpointIO, atomic_save, find_last_che
 from lit_opd.cli import main
 from lit_opd.data.prompts import PromptDataModule
 from lit_opd.gates import DriftGate
-from lit_opd.modules import OptimConfig, RolloutConfig, SampledTokenOPD
+from lit_opd.modules import OptimConfig, RolloutConfig, SampledTokenOPD, TeacherTopKLSM
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 6
@@ -57,19 +57,19 @@ def sg_opd_config(checkpoints, inputs, runs: Path) -> dict:
             "callbacks": [
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                  "init_args": {"save_last": True, "every_n_train_steps": 1}},
-                {"class_path": "lit_opd.callbacks.PhasedTeacherSampling",
-                 "init_args": {"schedule": [[0, 0.5], [4, 0.0]]}},
                 {"class_path": "lit_opd.callbacks.PassAtKEvaluation",
                  "init_args": {"benchmarks": [str(inputs / "bench.jsonl")], "n": 2, "ks": [1],
                                "max_new_tokens": 8, "every_n_steps": 2, "verify_workers": 1, "progress": False}},
             ],
         },
         "model": {
-            "class_path": "lit_opd.modules.SGOPD",
+            "class_path": "lit_opd.modules.SampledTokenOPD",
             "init_args": {
                 "student": checkpoints["student"], "teacher": checkpoints["teacher"], "dtype": "float32",
-                "rollout": {"num_samples": 2, "max_new_tokens": 8}, "optim": {"lr": 1e-2},
-                "gates": [{"class_path": "lit_opd.gates.DriftGate", "init_args": {"block_size": 4}}],
+                "rollout": {"num_samples": 2, "max_new_tokens": 8, "teacher_phases": [[0, 0.5], [4, 0.0]]},
+                "optim": {"lr": 1e-2},
+                "gates": [{"class_path": "lit_opd.gates.SignConsistencyGate"},
+                          {"class_path": "lit_opd.gates.DriftGate", "init_args": {"block_size": 4}}],
             },
         },
         "data": {
@@ -190,7 +190,7 @@ class Losses(L.Callback):
 def python_api_fit(checkpoints, inputs, out: Path, max_steps: int, ckpt_path=None):
     """SampledTokenOPD with a Block gate, 2 rollout batches per epoch of 4 micro-steps each (reuse
     2 × 2 mini-batches), accumulate_grad_batches 2: an epoch is 4 optimiser steps."""
-    module = SampledTokenOPD(checkpoints["student"], checkpoints["teacher"], dtype="float32",
+    module = SampledTokenOPD(student=checkpoints["student"], teacher=checkpoints["teacher"], dtype="float32",
                              rollout=RolloutConfig(num_samples=2, max_new_tokens=8), optim=OptimConfig(lr=1e-2),
                              gates=[DriftGate(block_size=4)])
     data = PromptDataModule(checkpoints["student"], str(inputs / "train.jsonl"), instruction="", max_prompts=4,
@@ -281,10 +281,10 @@ def one_step_run(tiny_checkpoints, inputs, tmp_path_factory):
 def no_model_loads(monkeypatch):
     """Fails the test if a model is loaded (the refusal must come before any long work)."""
 
-    def refuse(path, dtype, role):
+    def refuse(path, dtype, role, tokenizer=None):
         raise AssertionError(f"model.{role} was loaded before the resume was refused")
 
-    monkeypatch.setattr("lit_opd.modules.mixin.load_causal_lm", refuse)
+    monkeypatch.setattr("lit_opd.modules.base.load_causal_lm", refuse)
 
 
 @pytest.mark.parametrize(
@@ -317,13 +317,13 @@ def test_resume_with_settings_that_break_the_buffer_is_refused(one_step_run, ove
 def test_resume_through_the_python_api_is_refused_too(one_step_run, tiny_checkpoints, inputs):
     """Trainer.fit(ckpt_path=...) without the CLI: the module's on_load_checkpoint refuses."""
     root, _ = one_step_run
-    module = SampledTokenOPD(tiny_checkpoints["student"], tiny_checkpoints["teacher"], dtype="float32",
-                             rollout=RolloutConfig(num_samples=2, max_new_tokens=8), optim=OptimConfig(lr=1e-2))
+    module = TeacherTopKLSM(student=tiny_checkpoints["student"], teacher=tiny_checkpoints["teacher"], dtype="float32",
+                            rollout=RolloutConfig(num_samples=2, max_new_tokens=8), optim=OptimConfig(lr=1e-2))
     data = PromptDataModule(tiny_checkpoints["student"], str(inputs / "train.jsonl"), prompt_field="problem",
                             instruction="", prompts_per_rollout=2, reuse=3, num_minibatches=2)
     trainer = L.Trainer(max_steps=4, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0)
-    with pytest.raises(ValueError, match="model.class_path is .*SampledTokenOPD.* here but .*SGOPD.*; data.reuse is 3"):
+    with pytest.raises(ValueError, match="model.class_path is .*TeacherTopKLSM.* here but .*SampledTokenOPD.*; data.reuse is 3"):
         trainer.fit(module, data, ckpt_path=root / "runs" / "resume" / "version_0" / "checkpoints" / "last.ckpt")
 
 

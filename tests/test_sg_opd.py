@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_opd.callbacks.phased_teacher import PhasedTeacherSampling, replace_responses
-from lit_opd.cli import main
+from lit_opd.modules.teacher_sampling import PhasedTeacherSampling, pair_rows, replace_responses
+from helpers_cli import fit_and_check
 from lit_opd.gates import sign_consistency_gate
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +51,10 @@ def test_only_endorsed_teacher_rollouts_replace_students_wrong_ones_first():
     chosen = torch.tensor([1, 3])
     endorsed = torch.tensor([[False, True, False], [False, False, False]])  # prompt 3: none endorsed
     correct = torch.tensor([True] * 3 + [True, False, True] + [False] * 6)
-    targets, sources = PhasedTeacherSampling.pair_rows(chosen, endorsed, correct, n=3)
+    targets, sources = pair_rows(chosen, endorsed, correct, n=3)
     assert targets == [4]  # prompt 1's rows are 3, 4, 5; row 4 is the student's wrong one
     assert sources == [1]  # the endorsed teacher sample of the first chosen prompt
-    assert PhasedTeacherSampling.pair_rows(chosen, torch.zeros(2, 3, dtype=torch.bool), correct, 3) == ([], [])
+    assert pair_rows(chosen, torch.zeros(2, 3, dtype=torch.bool), correct, 3) == ([], [])
 
 
 def test_replace_responses_repads_to_the_longer_response():
@@ -80,16 +80,11 @@ def arithmetic_prompts(tmp_path_factory):
 
 
 def test_sg_opd_with_phased_teacher_sampling_fits(tiny_checkpoints, arithmetic_prompts, tmp_path, monkeypatch):
+    """SG-OPD is sampled-token OPD with the sign gate: collection verifies every row, mixes endorsed
+    teacher rollouts in during the first phase, and the gate's statistics are logged."""
     monkeypatch.chdir(tmp_path)
-    main([
-        "fit", "--config", str(ROOT / "configs" / "sg_opd.yaml"), "--config", str(ROOT / "tests" / "data" / "tiny_overrides.yaml"),
-        f"--model.init_args.student={tiny_checkpoints['student']}",
-        f"--model.init_args.teacher={tiny_checkpoints['teacher']}",
-        "--model.init_args.dtype=float32",
-        "--model.init_args.rollout.num_samples=2",
-        "--model.init_args.rollout.max_new_tokens=6",
-        f"--data.tokenizer={tiny_checkpoints['student']}",
-        f"--data.train_data={arithmetic_prompts}",
-        "--trainer.callbacks+=lit_opd.callbacks.PhasedTeacherSampling",
-        "--trainer.callbacks.schedule=[[0, 1.0], [1, 0.0]]",
-    ])
+    fit_and_check(str(ROOT / "configs" / "sg_opd.yaml"), tiny_checkpoints, arithmetic_prompts, tmp_path / "tb",
+                  "--model.init_args.rollout.max_new_tokens=6",
+                  "--model.init_args.rollout.teacher_phases=[[0, 1.0], [1, 0.0]]",
+                  tags={"train/sign_agree_fraction", "train/verifier_accuracy", "train/teacher_rollout_fraction",
+                        "train/teacher_endorsed_rate"})

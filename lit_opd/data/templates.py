@@ -39,3 +39,9 @@ def eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
     if not ids:
         raise ValueError(f"tokenizer {tokenizer.name_or_path!r} has no EOS token")
     return sorted(ids)
+
+
+def datamodule_template(trainer) -> PromptTemplate:
+    """The prompt template of `trainer`'s DataModule (the default template without one)."""
+    datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+    return getattr(datamodule, "template", PromptTemplate())

@@ -1,19 +1,19 @@
-"""LightningModules: one per loss family, sharing GatedLossMixin; SFT; plain-model evaluation."""
+"""LightningModules: `DistillationModule` (the shared loop) and one subclass per loss family;
+SFT; plain-model evaluation."""
 
+from lit_opd.modules.base import DistillationModule
 from lit_opd.modules.gkd import GKD
-from lit_opd.modules.mixin import GatedLossMixin, OptimConfig, RolloutConfig
 from lit_opd.modules.opd import SampledTokenOPD
 from lit_opd.modules.policy import PolicyEvaluation
-from lit_opd.modules.sg_opd import SGOPD
+from lit_opd.modules.settings import OptimConfig, RolloutConfig
 from lit_opd.modules.topk import TeacherTopKLSM
 
 __all__ = [
     "GKD",
-    "GatedLossMixin",
+    "DistillationModule",
     "OptimConfig",
     "PolicyEvaluation",
     "RolloutConfig",
-    "SGOPD",
     "SampledTokenOPD",
     "TeacherTopKLSM",
 ]

@@ -1,47 +1,26 @@
 """Full-vocabulary GKD baseline: generalised JSD(β) between student and teacher at every
 response position, computed chunked (teacher forward per step: full logits are not cached)."""
 
-import lightning as L
 import torch
 
-from lit_opd.gates import Gate
 from lit_opd.logprobs import chunked_generalized_jsd, token_logprobs
-from lit_opd.losses import Reduction
-from lit_opd.modules.mixin import DType, GatedLossMixin, OptimConfig, RolloutConfig
+from lit_opd.modules.base import DistillationModule
 
 
-class GKD(GatedLossMixin, L.LightningModule):
+class GKD(DistillationModule):
     """ℓ_t = β·KL(T ‖ M) + (1−β)·KL(S ‖ M), M = βT + (1−β)S, over the full vocabulary at
     temperature τ (β=0 forward KL, β=1 reverse KL; `losses.generalized_jsd`), on the student's
     own samples. Teacher and student must share the vocabulary and the lm_head row count.
 
-    Args (beyond SampledTokenOPD's): beta, temperature (τ) of the divergence.
+    Args:
+        beta, temperature: β and τ of the divergence.
+        **kwargs: the shared arguments of `DistillationModule` (student, teacher, rollout, gates, ...).
     """
 
-    def __init__(
-        self,
-        student: str,
-        teacher: str,
-        tokenizer: str | None = None,
-        dtype: DType = "bfloat16",
-        rollout: RolloutConfig = RolloutConfig(),
-        optim: OptimConfig = OptimConfig(),
-        gates: list[Gate] | None = None,
-        reduction: Reduction = "token_mean",
-        beta: float = 0.5,
-        temperature: float = 1.0,
-        chunk_size: int = 1024,
-        gradient_checkpointing: bool = False,
-        shard_teacher: bool = True,
-        max_nonfinite_steps: int = 5,
-        seed: int = 0,
-    ):
-        super().__init__()
-        self.save_hyperparameters(ignore=["gates"])
-        self.init_distillation(student, teacher, tokenizer, dtype, rollout, optim, gates, reduction, chunk_size,
-                               gradient_checkpointing, max_nonfinite_steps, seed, shard_teacher=shard_teacher)
+    def __init__(self, *, beta: float = 0.5, temperature: float = 1.0, **kwargs):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"model.beta must be in [0, 1], got {beta}")
+        super().__init__(**kwargs)
         self.beta, self.temperature = beta, temperature
 
     def configure_model(self) -> None:

@@ -4,38 +4,32 @@
 import lightning as L
 import torch
 
-from lit_opd.data.templates import PromptTemplate, eos_token_ids
-from lit_opd.modules.mixin import DType, load_causal_lm, load_tokenizer
-from lit_opd.rollout.engine import Generation, HFGenerateEngine, SamplingConfig
+from lit_opd.data.templates import PromptTemplate, datamodule_template, eos_token_ids
+from lit_opd.modules.loading import load_causal_lm, load_tokenizer
+from lit_opd.modules.settings import DType
+from lit_opd.rollout.engine import EngineName, Generation, SamplingConfig, build_engine
 
 
 class PolicyEvaluation(L.LightningModule):
     """Args: student: the model to evaluate (path or hub id); tokenizer: default the model's;
-    engine: "fast" (static KV cache) or "hf"."""
+    engine: "static" (static KV cache) or "hf" (HF `generate`)."""
 
-    def __init__(self, student: str, tokenizer: str | None = None, dtype: DType = "bfloat16", engine: str = "fast"):
+    def __init__(self, student: str, tokenizer: str | None = None, dtype: DType = "bfloat16",
+                 engine: EngineName = "static"):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer or student, "tokenizer")
-        self.student_path, self.dtype_name, self.engine_name = student, dtype, engine
+        self.student_path, self.dtype_name = student, dtype
+        self.engine = build_engine(engine)
         self.student = None
 
     @property
     def prompt_template(self) -> PromptTemplate:
-        datamodule = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        return getattr(datamodule, "template", PromptTemplate())
+        return datamodule_template(self._trainer)
 
     def configure_model(self) -> None:
         if self.student is None:
-            self.student = load_causal_lm(self.student_path, self.dtype_name, "student").eval()
-
-    def setup(self, stage: str) -> None:
-        if self.engine_name == "fast":
-            from lit_opd.rollout.fast import StaticCacheEngine
-
-            self.engine = StaticCacheEngine()
-        else:
-            self.engine = HFGenerateEngine()
+            self.student = load_causal_lm(self.student_path, self.dtype_name, "student", self.tokenizer).eval()
 
     @torch.no_grad()
     def generate_responses(self, prompt_ids, prompt_mask, sampling: SamplingConfig, generator) -> Generation:

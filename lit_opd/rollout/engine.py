@@ -1,15 +1,19 @@
 """The rollout-engine interface and its reference backend, HF `generate`.
 
 An engine turns a batch of left-padded prompts into sampled responses. Every backend returns
-the same `Generation`, so the training modules and the evaluation never know which one ran.
+the same `Generation`, so the training modules and the evaluation never know which one ran;
+`build_engine` makes one by name.
 """
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
+
+EngineName = Literal["static", "hf"]
 
 
 @dataclass(frozen=True)
@@ -103,3 +107,15 @@ class HFGenerateEngine(RolloutEngine):
         response_mask = response_mask_from_ids(response_ids, eos_token_ids)
         response_ids = response_ids.masked_fill(~response_mask, pad_token_id)
         return Generation(response_ids=response_ids, response_mask=response_mask)
+
+
+def build_engine(name: EngineName) -> RolloutEngine:
+    """The rollout engine called `name`: "static" is the static-KV-cache engine (`StaticCacheEngine`, which
+    falls back to HF `generate` for models it does not implement), "hf" is `HFGenerateEngine`."""
+    if name == "static":
+        from lit_opd.rollout.static_cache import StaticCacheEngine  # here: static_cache imports this module
+
+        return StaticCacheEngine()
+    if name == "hf":
+        return HFGenerateEngine()
+    raise ValueError(f"unknown rollout engine {name!r}: expected 'static' or 'hf'")

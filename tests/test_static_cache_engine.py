@@ -1,6 +1,7 @@
-"""The fast rollout engine against HF on tiny random models of the Qwen3, Qwen2 and Llama families:
+"""The static-KV-cache rollout engine against HF on tiny random models of the Qwen3, Qwen2 and Llama families:
 greedy tokens equal HF `generate`'s, log-probs equal a fresh forward pass, stops and padding,
-weight updates, sampling filters, seeded determinism, and the fallback for other architectures."""
+weight updates, sampling filters, seeded determinism, the fallback for other architectures, and
+`build_engine`."""
 
 import contextlib
 import logging
@@ -10,10 +11,10 @@ import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-import lit_opd.rollout.fast as fast_module
-from lit_opd.rollout import cpu_kernels
-from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig
-from lit_opd.rollout.fast import StaticCacheEngine, sample_tokens, unsupported_reason
+import lit_opd.rollout.static_cache as static_cache
+from lit_opd.rollout.decoder import Decoder, sample_tokens, unsupported_reason
+from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig, build_engine
+from lit_opd.rollout.static_cache import StaticCacheEngine
 
 
 @pytest.fixture(autouse=True)
@@ -101,11 +102,11 @@ def test_greedy_equals_hf_generate_with_left_padding_and_eos(family):
     sampling = SamplingConfig(max_new_tokens=24, temperature=0)
     eos = [greedy_eos(model, prompts, 24), VOCAB - 1]
     hf = generate(HFGenerateEngine(), model, prompts, sampling, eos)
-    fast = generate(StaticCacheEngine(), model, prompts, sampling, eos)
+    static = generate(StaticCacheEngine(), model, prompts, sampling, eos)
     assert unsupported_reason(model) is None
-    assert torch.equal(fast.response_ids, hf.response_ids)
-    assert torch.equal(fast.response_mask, hf.response_mask)
-    assert fast.response_mask.sum(dim=1).min() < 24, "no row stopped at EOS: the test lost its point"
+    assert torch.equal(static.response_ids, hf.response_ids)
+    assert torch.equal(static.response_mask, hf.response_mask)
+    assert static.response_mask.sum(dim=1).min() < 24, "no row stopped at EOS: the test lost its point"
 
 
 def test_greedy_equals_hf_generate_on_the_project_tiny_lm(tiny_lm, char_tokenizer):
@@ -113,8 +114,8 @@ def test_greedy_equals_hf_generate_on_the_project_tiny_lm(tiny_lm, char_tokenize
     sampling = SamplingConfig(max_new_tokens=16, temperature=0)
     eos = [char_tokenizer.eos_token_id]
     hf = generate(HFGenerateEngine(), tiny_lm, prompts, sampling, eos)
-    fast = generate(StaticCacheEngine(), tiny_lm, prompts, sampling, eos)
-    assert torch.equal(fast.response_ids, hf.response_ids)
+    static = generate(StaticCacheEngine(), tiny_lm, prompts, sampling, eos)
+    assert torch.equal(static.response_ids, hf.response_ids)
 
 
 @pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
@@ -245,26 +246,6 @@ def test_a_seeded_generator_gives_the_same_rollouts():
     assert not torch.equal(first.response_ids, other.response_ids)
 
 
-@pytest.mark.skipif(cpu_kernels.load() is None, reason="no C++ toolchain to build the CPU kernels")
-@pytest.mark.parametrize("family", ["qwen3", "qwen2", "llama"])
-def test_the_fused_cpu_decode_step_gives_the_rollouts_of_pytorch_ops(family):
-    """The default CPU decode step (C++ kernels) against the same engine on PyTorch ops: same tokens from
-    the same seed, with top-p, EOS and left padding; the fused step is not taken where it does not apply."""
-    model = build(family, seed=12)
-    prompts = left_padded_prompts([4, 9, 2, 6], seed=14)
-    sampling = SamplingConfig(max_new_tokens=16, temperature=1.0, top_p=0.9)
-    decoder, cpu = fast_module._Decoder(model, cpu_kernel=True), torch.device("cpu")
-    assert decoder.fuses_cpu_decode(cpu)
-    assert not fast_module._Decoder(model, cpu_kernel=False).fuses_cpu_decode(cpu)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not decoder.fuses_cpu_decode(cpu)
-    fused = generate(StaticCacheEngine(), model, prompts, sampling, eos=[7, 11], seed=3)
-    ops = generate(StaticCacheEngine(cpu_decode_kernels=False), model, prompts, sampling, eos=[7, 11], seed=3)
-    assert torch.equal(fused.response_ids, ops.response_ids) and torch.equal(fused.response_mask, ops.response_mask)
-    torch.testing.assert_close(fused.logp, ops.logp, atol=1e-5, rtol=0)
-    torch.testing.assert_close(fused.sample_logp, ops.sample_logp, atol=1e-5, rtol=0)
-
-
 def test_sample_tokens_greedy_and_top_k_one_agree():
     logits = torch.randn(5, 40, generator=torch.Generator().manual_seed(0))
     uniform = torch.rand(5, 40, generator=torch.Generator().manual_seed(1))
@@ -299,7 +280,7 @@ def test_unsupported_models_fall_back_to_hf_generate_and_say_so_once(caplog):
     engine = StaticCacheEngine()
     for model in (gpt2, dynamic_rope, sliding):
         assert unsupported_reason(model) is not None
-        with caplog.at_level(logging.WARNING, logger="lit_opd.rollout.fast"):
+        with caplog.at_level(logging.WARNING, logger="lit_opd.rollout.static_cache"):
             caplog.clear()
             out = generate(engine, model, prompts, sampling, eos=[5])
             again = generate(engine, model, prompts, sampling, eos=[5])
@@ -308,6 +289,13 @@ def test_unsupported_models_fall_back_to_hf_generate_and_say_so_once(caplog):
         hf = generate(HFGenerateEngine(), model, prompts, sampling, eos=[5])
         assert torch.equal(out.response_ids, hf.response_ids)
         assert torch.equal(out.response_ids, again.response_ids)
+
+
+def test_build_engine_by_name():
+    assert type(build_engine("static")) is StaticCacheEngine
+    assert type(build_engine("hf")) is HFGenerateEngine
+    with pytest.raises(ValueError, match="unknown rollout engine"):
+        build_engine("vllm")
 
 
 def test_rejects_prompts_that_are_not_left_padded():
@@ -333,7 +321,7 @@ def test_graph_bookkeeping_equals_the_eager_engine_on_cpu(monkeypatch):
     """The CUDA-graph path minus the GPU: bucketed prompt padding, full-bucket masked attention, state
     reused across calls and reset by each prefill, graphs picked by cache length."""
     monkeypatch.setattr(
-        fast_module, "_capture_decode_steps", lambda rollout, kv_lens: [EagerReplay(rollout, n) for n in kv_lens]
+        static_cache, "_capture_decode_steps", lambda rollout, kv_lens: [EagerReplay(rollout, n) for n in kv_lens]
     )
     model = build("qwen3", seed=11)
     graphed = StaticCacheEngine(cuda_graphs=True, done_check_interval=3, prompt_bucket=8, graph_kv_bucket=8)
@@ -342,7 +330,7 @@ def test_graph_bookkeeping_equals_the_eager_engine_on_cpu(monkeypatch):
     def both(prompts, sampling, seed):
         ids, mask = prompts
         args = (sampling, [5, 6], PAD)
-        decoder = fast_module._Decoder(model, cpu_kernel=True)
+        decoder = Decoder(model)
         a = graphed._generate_graphed(decoder, ids, mask, *args, torch.Generator().manual_seed(seed))
         b = eager.generate(model, ids, mask, *args, torch.Generator().manual_seed(seed))
         assert torch.equal(a.response_ids, b.response_ids) and torch.equal(a.response_mask, b.response_mask)

@@ -1,0 +1,140 @@
+"""Rollout collection: one rollout batch from prompts to scored mini-batches.
+
+generate (the live student, `num_samples` per prompt) → verify (when verdicts are needed) → mix
+teacher rollouts (phased teacher sampling) → split into mini-batches → score (behaviour
+log-probs of the student, teacher log-probs and top-K) once per rollout batch.
+"""
+
+import time
+
+import torch
+from torch import Tensor
+
+from lit_opd.data.templates import eos_token_ids
+from lit_opd.logprobs import CausalLMScorer
+from lit_opd.modules.settings import RolloutConfig
+from lit_opd.modules.teacher_sampling import PhasedTeacherSampling
+from lit_opd.rollout.buffer import split_rows
+from lit_opd.rollout.engine import Generation, SamplingConfig, build_engine
+from lit_opd.sharding import gathered
+from lit_opd.verify import Verifier
+
+
+class RolloutCollector:
+    """Collects rollout batches with `rollout`'s settings.
+
+    teacher_top_k: the support size the teacher's scoring returns (0: none). verdicts: whether
+    every row gets a verifier verdict `correct` (also on with rollout.verify or
+    rollout.teacher_phases). verify_workers: verifier processes (started on first use).
+    """
+
+    def __init__(self, rollout: RolloutConfig, tokenizer, teacher_top_k: int, verdicts: bool, verify_workers: int):
+        self.rollout, self.tokenizer, self.teacher_top_k = rollout, tokenizer, teacher_top_k
+        self.eos_ids = eos_token_ids(tokenizer)
+        self.engine = build_engine(rollout.engine)
+        self.phases = PhasedTeacherSampling(rollout.teacher_phases) if rollout.teacher_phases else None
+        self.verdicts = verdicts or rollout.verify or self.phases is not None
+        self.verify_workers = verify_workers
+        self.verifier: Verifier | None = None
+
+    def close(self) -> None:
+        if self.verifier is not None:
+            self.verifier.close()
+
+    def generate(
+        self, scorer: CausalLMScorer, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig,
+        generator: torch.Generator,
+    ) -> Generation:
+        """Sample responses with `scorer`'s model in eval mode, gathered if sharded. [B, P] → Generation."""
+        model = scorer.model
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), gathered(scorer):
+                return self.engine.generate(model, prompt_ids, prompt_mask, sampling, self.eos_ids,
+                                            self.tokenizer.pad_token_id, generator)
+        finally:
+            model.train(was_training)
+
+    def verify(self, response_ids: Tensor, response_mask: Tensor, answers: list[str]) -> Tensor:
+        """bool [N]: does each decoded response's final answer equal its reference (time-bounded
+        math-verify in a process pool; a hung or crashed check counts as wrong)."""
+        if self.verifier is None:
+            self.verifier = Verifier(num_workers=self.verify_workers, timeout=self.rollout.verify_timeout)
+        texts = self.tokenizer.batch_decode(response_ids.masked_fill(~response_mask, self.tokenizer.pad_token_id),
+                                            skip_special_tokens=True)
+        return torch.tensor(self.verifier.verify_batch(texts, answers), dtype=torch.bool, device=response_ids.device)
+
+    @torch.no_grad()
+    def score(self, scorer: CausalLMScorer, rows: dict[str, Tensor], top_k: int = 0) -> dict[str, Tensor]:
+        """No-grad log-probs of the response tokens of `rows`, in chunks of score_batch_size rows."""
+        T = rows["response_ids"].shape[1]
+        size = self.rollout.score_batch_size
+        parts = [
+            scorer(rows["input_ids"][i : i + size], rows["attention_mask"][i : i + size], T, top_k=top_k)
+            for i in range(0, rows["input_ids"].shape[0], size)
+        ]
+        return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    def rollout_rows(self, batch: dict, policy: CausalLMScorer, generator: torch.Generator):
+        """`num_samples` student responses per prompt of `batch`, laid out as rows: (rows,
+        reference answers per row, the generation)."""
+        n = self.rollout.num_samples
+        prompt_ids = batch["prompt_ids"].repeat_interleave(n, dim=0)
+        prompt_mask = batch["prompt_mask"].repeat_interleave(n, dim=0)
+        answers = [a for a in batch["answers"] for _ in range(n)]
+        generation = self.generate(policy, prompt_ids, prompt_mask, self.rollout.sampling(), generator)
+        rows = {
+            "input_ids": torch.cat([prompt_ids, generation.response_ids], dim=1),
+            "attention_mask": torch.cat([prompt_mask, generation.response_mask], dim=1),
+            "response_ids": generation.response_ids,
+            "response_mask": generation.response_mask,
+            "from_teacher": torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device),
+        }
+        return rows, answers, generation
+
+    def collect(
+        self, batch: dict, step: int, policy: CausalLMScorer, teacher: CausalLMScorer, generator: torch.Generator
+    ) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
+        """The rollout batch of `batch` (opened at global step `step`) as `batch["num_minibatches"]`
+        scored mini-batches, and the statistics to log once (timings, lengths, verdicts)."""
+        t0 = time.perf_counter()
+        rows, answers, generation = self.rollout_rows(batch, policy, generator)
+        t1 = time.perf_counter()
+        stats = {}
+        if self.verdicts:
+            rows["correct"] = self.verify(rows["response_ids"], rows["response_mask"], answers)
+        if self.phases is not None:
+            def generate_teacher(ids: Tensor, mask: Tensor) -> Generation:
+                return self.generate(teacher, ids, mask, self.rollout.sampling(), generator)
+
+            rows, stats = self.phases.mix(step, batch, rows, self.rollout.num_samples, generator, generate_teacher,
+                                          self.verify, self.tokenizer.pad_token_id)
+        verified = time.perf_counter()
+        order = torch.randperm(rows["input_ids"].shape[0], generator=generator)
+        minibatches = split_rows(rows, order, batch["num_minibatches"])
+        t2 = time.perf_counter()
+        for mb in minibatches:
+            mb["old_logp"] = self.score(policy, mb)["logp"]
+        t3 = time.perf_counter()
+        for mb in minibatches:
+            scores = self.score(teacher, mb, self.teacher_top_k)
+            mb["teacher_logp"] = scores["logp"]
+            if self.teacher_top_k:
+                mb["teacher_topk_logp"], mb["teacher_topk_ids"] = scores["topk_logp"], scores["topk_ids"]
+        t4 = time.perf_counter()
+        generated = generation.response_mask.sum().item()
+        stats |= {
+            "perf/generate_s": t1 - t0,
+            "perf/tokens_per_s": generated / max(t1 - t0, 1e-9),
+            "perf/verify_s": verified - t1,
+            "perf/old_logp_s": t3 - t2,
+            "perf/teacher_s": t4 - t3,
+            "train/response_length": generated / generation.response_mask.shape[0],
+        }
+        if "correct" in rows:
+            stats["train/verifier_accuracy"] = rows["correct"].float().mean().item()
+        if self.verifier is not None:
+            stats["train/verifier_timeouts"] = float(self.verifier.stats.timeouts)
+            stats["train/verifier_crashes"] = float(self.verifier.stats.crashes)
+        return minibatches, stats

@@ -1,0 +1,48 @@
+"""Loading what a module runs on: tokenizers, HF causal LMs and the checks that student and
+teacher fit together (one vocabulary, enough embedding rows). Shared by the distillation, SFT and
+evaluation modules; every error names the YAML field it came from."""
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from lit_opd.modules.settings import DType
+
+
+def load_tokenizer(path: str, role: str):
+    """A left-padding tokenizer (pad = EOS where it has none); `role` names the field in errors."""
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except Exception as error:
+        raise ValueError(f"model.{role}: cannot load a tokenizer from {path!r}: {error}") from error
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, teacher: str) -> None:
+    """Student and teacher must map every token to the same id (rows of the embedding beyond the
+    tokenizer's size are padding and do not count)."""
+    s, t = student_tokenizer.get_vocab(), teacher_tokenizer.get_vocab()
+    if s == t:
+        return
+    only_s, only_t = sorted(set(s) - set(t))[:5], sorted(set(t) - set(s))[:5]
+    moved = sorted(k for k in set(s) & set(t) if s[k] != t[k])[:5]
+    raise ValueError(
+        f"teacher {teacher!r} and student {student!r} tokenizers differ "
+        f"({len(s)} vs {len(t)} tokens; only in student: {only_s}; only in teacher: {only_t}; "
+        f"different ids: {moved}): on-policy distillation needs one shared vocabulary"
+    )
+
+
+def load_causal_lm(path: str, dtype: DType, role: str, tokenizer=None):
+    """`AutoModelForCausalLM.from_pretrained(path)` in `dtype`; with `tokenizer`, refuse a model
+    whose embedding has fewer rows than the tokenizer has tokens."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    except Exception as error:
+        raise ValueError(f"model.{role}: cannot load a causal LM from {path!r}: {error}") from error
+    rows = model.get_input_embeddings().weight.shape[0]
+    if tokenizer is not None and rows < len(tokenizer):
+        raise ValueError(f"model.{role}: {rows} embedding rows < {len(tokenizer)} tokenizer tokens")
+    return model

@@ -1,0 +1,47 @@
+"""What a distillation module adds to a Lightning checkpoint for an exact resume: the settings
+its rollout buffer and data position depend on (refused if a resumed run changes them), every
+rank's rollout buffer and sampling generator, and the non-finite step counters."""
+
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+
+from lit_opd.checkpointing import check_resume_layout, gather_rank_states, resume_layout
+from lit_opd.modules.step import NonfiniteGuard
+from lit_opd.rollout.buffer import RolloutBuffer
+
+
+def drop_teacher_keys(module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook: the frozen teacher's parameters are not training state (checkpoints
+    hold no teacher: it is reloaded from model.teacher)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "teacher.")]:
+        del state_dict[key]
+
+
+def training_state(module, buffer: RolloutBuffer | None, generator: torch.Generator, guard: NonfiniteGuard) -> dict:
+    """checkpoint["lit_opd"] of `module` (a collective: every rank calls it)."""
+    rank_state = {
+        "buffer": buffer.state_dict() if buffer is not None else None,
+        "generator": generator.get_state() if generator is not None else None,
+    }
+    return {
+        "layout": resume_layout(module, module.trainer.datamodule, module.trainer),
+        "ranks": gather_rank_states(rank_state),
+        **guard.state_dict(),
+    }
+
+
+def restore_training_state(
+    module, state: dict, source: str, guard: NonfiniteGuard
+) -> tuple[RolloutBuffer | None, torch.Generator | None]:
+    """Check `state` (checkpoint["lit_opd"] read from `source`) against this run's settings,
+    restore `guard`, and return this rank's (rollout buffer, sampling generator)."""
+    check_resume_layout(state["layout"], resume_layout(module, module.trainer.datamodule, module.trainer), source)
+    guard.load_state_dict(state)
+    mine = state["ranks"][module.global_rank]
+    buffer = RolloutBuffer.from_state_dict(mine["buffer"], torch.device("cpu")) if mine["buffer"] is not None else None
+    generator = None
+    if mine["generator"] is not None:
+        generator = torch.Generator(device="cpu")
+        generator.set_state(mine["generator"])
+    rank_zero_info("restored the rollout buffer and sampling generator from the checkpoint")
+    return buffer, generator

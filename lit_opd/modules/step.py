@@ -1,0 +1,133 @@
+"""The optimisation step's parts that are not the loss itself: the loss denominators of an
+optimiser step, the guard against non-finite values and the scalars a step logs. Every function
+that reduces across ranks is a collective: every rank calls it, in the same order."""
+
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch import Tensor
+from torch.distributed.tensor import DTensor
+
+from lit_opd.losses import Reduction, gated_reduce
+
+
+def all_reduce_sum(tensor: Tensor, device: torch.device) -> Tensor:
+    """Σ over ranks (on `device` for the collective; returned on CPU); `tensor` alone without a
+    process group."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        tensor = tensor.to(device)
+        torch.distributed.all_reduce(tensor)
+    return tensor.cpu()
+
+
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def step_normalizers(
+    masks: list[Tensor], reduction: Reduction, accumulate: int, world_size: int, device: torch.device
+) -> list[float]:
+    """Per mini-batch (response masks [N_i, T_i]): the global count (tokens or sequences) of its
+    optimiser step — `accumulate` consecutive mini-batches on every rank — divided by accumulate
+    × world size, so that Lightning's 1/accumulate scaling and the ranks' gradient averaging give
+    Σ g m ℓ / (global count) exactly."""
+    if reduction == "token_mean":
+        counts = torch.stack([m.sum() for m in masks]).double()
+    else:
+        counts = torch.stack([(m.sum(dim=1) > 0).sum() for m in masks]).double()
+    counts = all_reduce_sum(counts, device)
+    windows = counts.view(-1, accumulate).sum(dim=1).repeat_interleave(accumulate)
+    return (windows / (accumulate * world_size)).tolist()
+
+
+def response_logprobs(mb: dict[str, Tensor], scores: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The log-probs (and GKD's teacher hidden states) a step uses, at response positions, under
+    the names a warning gives them."""
+    mask = mb["response_mask"]
+    named = {
+        "student log-probs": scores["logp"],
+        "student support log-probs": scores.get("support_logp"),
+        "behavior log-probs": mb["old_logp"],
+        "teacher log-probs": mb["teacher_logp"],
+        "teacher top-K log-probs": mb.get("teacher_topk_logp"),
+        "teacher hidden states": scores.get("teacher_hidden"),
+    }
+    return {name: value[mask] for name, value in named.items() if value is not None}
+
+
+def gradient_norms(parameters) -> Tensor:
+    """[P] float32: the norm of each parameter's gradient (of this rank's shard under FSDP2)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norms = [torch.linalg.vector_norm(g.to_local() if isinstance(g, DTensor) else g, dtype=torch.float32) for g in grads]
+    return torch.stack(norms) if norms else torch.zeros(0)
+
+
+class NonfiniteGuard:
+    """Skips optimiser steps that meet a NaN or ±inf, and stops the run after `max_in_a_row`
+    skipped steps with no optimiser step between.
+
+    A skipped step still runs its backward on every rank (the collectives of DDP/FSDP) and
+    counts as a step (global step, LR schedule, data position); its gradients are discarded in
+    `before_optimizer_step`, so neither the weights nor the optimiser's moments move.
+    """
+
+    def __init__(self, max_in_a_row: int):
+        self.max_in_a_row = max_in_a_row
+        self.in_a_row, self.skipped, self.discard = 0, 0, False
+
+    @staticmethod
+    def nonfinite(named: dict[str, Tensor], device: torch.device) -> list[str]:
+        """The names whose tensor holds a NaN or ±inf on some rank (a collective)."""
+        flags = torch.stack([(~torch.isfinite(t.detach())).any().cpu() for t in named.values()]).double()
+        return [name for name, flag in zip(named, all_reduce_sum(flags, device).tolist()) if flag]
+
+    def skip(self, reason: str, step: int) -> None:
+        """Count a skipped step, warn, and raise once `max_in_a_row` steps in a row were skipped."""
+        self.in_a_row += 1
+        self.skipped += 1
+        self.discard = True
+        rank_zero_warn(f"step {step}: {reason}; skipping this step ({self.in_a_row} in a row, "
+                       f"limit {self.max_in_a_row})")
+        if self.in_a_row >= self.max_in_a_row:
+            raise RuntimeError(
+                f"{self.in_a_row} steps in a row skipped for non-finite values, the last: {reason} "
+                f"(model.max_nonfinite_steps={self.max_in_a_row}): stopping the run"
+            )
+
+    def before_optimizer_step(self, optimizer, gradient_norms: Tensor | None, step: int, device) -> None:
+        """Discard the gradients of a skipped step or of non-finite `gradient_norms` (all ranks
+        agree; None: not checked, e.g. under fp16's GradScaler, which skips such steps itself)."""
+        if not self.discard and gradient_norms is not None:
+            if self.nonfinite({"gradients": gradient_norms}, device):
+                self.skip(f"non-finite gradients at optimiser step {step}", step)
+        if self.discard:
+            optimizer.zero_grad(set_to_none=True)
+            self.discard = False
+        else:
+            self.in_a_row = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"nonfinite_skipped": self.skipped, "nonfinite_in_a_row": self.in_a_row}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.skipped, self.in_a_row = state["nonfinite_skipped"], state["nonfinite_in_a_row"]
+
+
+def step_logs(
+    mb: dict[str, Tensor], logp: Tensor, gates: list[Tensor], position_loss: Tensor, reduction: Reduction
+) -> tuple[dict[str, Tensor], Tensor]:
+    """(scalars of this mini-batch — local means — , the composed gate at its valid positions)."""
+    mask = mb["response_mask"]
+    logp = logp.detach()
+    gate = torch.ones_like(logp)
+    for g in gates:
+        gate = gate * g
+    valid = gate[mask]
+    scalars = {
+        "train/loss": gated_reduce(position_loss.detach(), gates, mask, reduction),
+        "train/drift_abs_mean": masked_mean((logp - mb["old_logp"]).abs(), mask),
+        "train/reverse_kl": masked_mean(logp - mb["teacher_logp"], mask),
+        "train/gate_mean": valid.mean(),
+        "train/gate_min": valid.min(),
+        "train/gate_max": valid.max(),
+    }
+    return scalars, valid
