@@ -24,7 +24,8 @@ log = logging.getLogger(__name__)
 class PassAtKEvaluation(L.Callback):
     """Samples n responses per benchmark problem, verifies them, logs per benchmark
     `eval/<set>/pass@<k>`, `eval/<set>/avg@<n>`, `eval/<set>/response_length` (tokens),
-    `eval/<set>/truncated` (fraction without an end token), and `eval/mean/pass@<k>`,
+    `eval/<set>/truncated` (fraction without an end token), `eval/<set>/fallback_answers` (how
+    many answers were the last number, for want of a \\boxed{}), and `eval/mean/pass@<k>`,
     `eval/mean/avg@<n>` (the unweighted mean over the sets); writes every problem's responses,
     answers and verdicts to `<output_dir>/<fit|validate|test>_step<step>.jsonl`.
 

@@ -19,7 +19,7 @@ from lit_opd.data.benchmarks import Problem
 from lit_opd.data.templates import PromptTemplate, eos_token_ids
 from lit_opd.metrics import pass_at_k
 from lit_opd.rollout.engine import Generation, HFGenerateEngine, RolloutEngine, SamplingConfig
-from lit_opd.verify import Verifier, extract_answer
+from lit_opd.verify import Verifier, answer_from_fallback, extract_answer
 
 # (prompt_ids [B, P], prompt_mask [B, P] bool, left-padded; sampling; generator) → Generation
 GenerateFn = Callable[[Tensor, Tensor, SamplingConfig, torch.Generator], Generation]
@@ -30,7 +30,8 @@ class ProblemResult:
     """n sampled responses to one problem and their verdicts.
 
     response_lengths: tokens of each response (EOS included); truncated: responses that hit
-    max_new_tokens without an end token; extracted: each response's final answer (None: none)."""
+    max_new_tokens without an end token; extracted: each response's final answer (None: none);
+    fallback_answers: answers taken from the last number, for want of a \\boxed{}."""
 
     id: str
     reference: str
@@ -40,6 +41,7 @@ class ProblemResult:
     truncated: int
     responses: list[str]
     extracted: list[str | None]
+    fallback_answers: int = 0
 
     @property
     def n(self) -> int:
@@ -59,6 +61,7 @@ class ProblemResult:
             **{f"pass@{k}": value for k, value in self.pass_at_k.items()},
             "mean_response_length": sum(self.response_lengths) / self.n,
             "truncated": self.truncated,
+            "fallback_answers": self.fallback_answers,
             "extracted": self.extracted,
             "correct": self.correct,
         }
@@ -157,6 +160,7 @@ def _problem_result(problem, ks, texts, lengths, finished, correct, rows: slice)
         truncated=sum(not f for f in finished[rows]),
         responses=texts[rows],
         extracted=[extract_answer(text) for text in texts[rows]],
+        fallback_answers=sum(answer_from_fallback(text) for text in texts[rows]),
     )
 
 
@@ -164,9 +168,10 @@ class PassAtKMetric(Metric):
     """Benchmark scores from per-problem results, reduced across ranks by summing.
 
     States (all summed over ranks): pass_at_k_sum [len(ks)] Σ_problems pass@k; problems; correct
-    (correct samples); samples; response_tokens; truncated. compute() →
+    (correct samples); samples; response_tokens; truncated; fallback_answers. compute() →
         pass@k = pass_at_k_sum / problems, avg@n = correct / samples (every problem has n samples),
-        response_length = response_tokens / samples, truncated = truncated / samples.
+        response_length = response_tokens / samples, truncated = truncated / samples,
+        fallback_answers = the count of answers taken from the last number, for want of a box.
     """
 
     full_state_update = False
@@ -175,7 +180,7 @@ class PassAtKMetric(Metric):
         super().__init__()
         self.ks, self.n = tuple(ks), n
         self.add_state("pass_at_k_sum", torch.zeros(len(self.ks), dtype=torch.float64), dist_reduce_fx="sum")
-        for name in ("problems", "correct", "samples", "response_tokens", "truncated"):
+        for name in ("problems", "correct", "samples", "response_tokens", "truncated", "fallback_answers"):
             self.add_state(name, torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
 
     def update(self, results: Sequence[ProblemResult]) -> None:
@@ -191,10 +196,12 @@ class PassAtKMetric(Metric):
             self.samples += result.n
             self.response_tokens += sum(result.response_lengths)
             self.truncated += result.truncated
+            self.fallback_answers += result.fallback_answers
 
     def compute(self) -> dict[str, Tensor]:
         scores = {f"pass@{k}": self.pass_at_k_sum[i] / self.problems for i, k in enumerate(self.ks)}
         scores[f"avg@{self.n}"] = self.correct / self.samples
         scores["response_length"] = self.response_tokens / self.samples
         scores["truncated"] = self.truncated / self.samples
+        scores["fallback_answers"] = self.fallback_answers
         return scores

@@ -159,7 +159,9 @@ def sign_consistency_gate(
 ) -> Tensor:
     """SG-OPD sign-consistency gate.
 
-    logp, teacher_logp: [B, T]; correct: bool [B] (verifier verdict per row).
+    logp, teacher_logp: [B, T]; correct: bool [B] (verifier verdict per row). Pass the behaviour
+    log-probs log π_old as `logp`: the teacher's direction is then sign(A_t), that of the update
+    sampled-token OPD applies to the token.
         s_T,t = +1 if teacher_logp_t ≥ logp_t else −1;   s_V = +1 if correct else −1
         g_t = 1 + alpha where s_T,t = s_V (extrapolate), beta where they disagree (interpolate)
     Returns [B, T], detached, 0 where mask is False.
@@ -264,9 +266,17 @@ class DriftGate(Gate):
 
 class SignConsistencyGate(Gate):
     """SG-OPD's sign-consistency gate (`sign_consistency_gate`): 1 + alpha where the teacher's
-    direction agrees with the verifier's, beta (0 ≤ beta < 1) where it does not. It needs verifier verdicts: rollout collection verifies every row
-    when this gate is configured. Logs train/sign_agree_fraction (the fraction of response tokens
-    where the two directions agree)."""
+    direction agrees with the verifier's, beta (0 ≤ beta < 1) where it does not.
+
+    The teacher's direction is that of the update applied to the token, sign(A_t) with
+    A_t = log π_T(y_t) − log π_old(y_t): it reads the behaviour log-probs `batch["old_logp"]`, not
+    the current π_θ (on a reuse epoch π_θ may have moved past π_T while the applied update still
+    pushes towards it). It needs verifier verdicts: rollout collection verifies every row when this
+    gate is configured. On the Teacher-TopK loss the gate value is the λ of the target p*
+    (`losses.topk_lsm(target_mix=...)`) instead of a factor. Logs train/sign_agree_fraction (the
+    fraction of response tokens where the two directions agree) and, where the mini-batch holds
+    teacher rollouts, train/teacher_rows/sign_agree_fraction.
+    """
 
     needs_verdicts = True
 
@@ -279,10 +289,14 @@ class SignConsistencyGate(Gate):
 
     def __call__(self, batch, logp):
         return sign_consistency_gate(
-            logp, batch["teacher_logp"], batch["correct"], batch["response_mask"], self.alpha, self.beta
+            batch["old_logp"], batch["teacher_logp"], batch["correct"], batch["response_mask"], self.alpha, self.beta
         )
 
     def statistics(self, batch, logp):
         mask = batch["response_mask"]
-        agree = sign_agreement(logp, batch["teacher_logp"], batch["correct"])
-        return {"train/sign_agree_fraction": (agree & mask).sum() / mask.sum().clamp(min=1)}
+        agree = sign_agreement(batch["old_logp"], batch["teacher_logp"], batch["correct"]) & mask
+        stats = {"train/sign_agree_fraction": agree.sum() / mask.sum().clamp(min=1)}
+        teacher_rows = batch.get("from_teacher")
+        if teacher_rows is not None and teacher_rows.any():
+            stats["train/teacher_rows/sign_agree_fraction"] = agree[teacher_rows].sum() / mask[teacher_rows].sum().clamp(min=1)
+        return stats

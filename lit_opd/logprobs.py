@@ -82,11 +82,14 @@ def token_logprobs(hidden: Tensor, weight: Tensor, tokens: Tensor, chunk_size: i
 
 
 @torch.no_grad()
-def topk_logprobs(hidden: Tensor, weight: Tensor, k: int, chunk_size: int = 1024) -> tuple[Tensor, Tensor]:
+def topk_logprobs(
+    hidden: Tensor, weight: Tensor, k: int, chunk_size: int = 1024, exclude: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
     """The top-k tokens and their full-vocabulary log-probs, chunked, without gradient.
 
-    hidden: [..., H]; weight: [V, H]. Returns (logp [..., k] float32, ids [..., k] long), sorted
-    by decreasing probability.
+    hidden: [..., H]; weight: [V, H]; exclude: token ids never chosen (their probability still
+    counts in the normaliser). Returns (logp [..., k] float32, ids [..., k] long), sorted by
+    decreasing probability.
     """
     lead = hidden.shape[:-1]
     flat = hidden.reshape(-1, hidden.shape[-1])
@@ -95,8 +98,11 @@ def topk_logprobs(hidden: Tensor, weight: Tensor, k: int, chunk_size: int = 1024
     for start in range(0, flat.shape[0], chunk_size):
         end = min(start + chunk_size, flat.shape[0])
         logits = (flat[start:end] @ weight.T).to(values.dtype)
+        normaliser = torch.logsumexp(logits, dim=-1, keepdim=True)
+        if exclude is not None:
+            logits[:, exclude.to(logits.device)] = float("-inf")
         top = torch.topk(logits, k, dim=-1)
-        values[start:end] = top.values - torch.logsumexp(logits, dim=-1, keepdim=True)
+        values[start:end] = top.values - normaliser
         ids[start:end] = top.indices
     return values.reshape(*lead, k), ids.reshape(*lead, k)
 
@@ -179,15 +185,17 @@ class CausalLMScorer(nn.Module):
         response_len: int,
         support: Tensor | None = None,
         top_k: int = 0,
+        exclude: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Returns {"logp": [B, T]} log π(y_t) of the response tokens (the last T of input_ids),
         plus {"support_logp": [B, T, K]} for a given support [B, T, K], and
-        {"topk_logp", "topk_ids": [B, T, top_k]} when top_k > 0 (no gradient)."""
+        {"topk_logp", "topk_ids": [B, T, top_k]} when top_k > 0 (no gradient; never a token of
+        `exclude`)."""
         hidden = self.response_hidden(input_ids, attention_mask, response_len)
         weight = self.lm_head_weight
         out = {"logp": token_logprobs(hidden, weight, input_ids[:, -response_len:], self.chunk_size)}
         if support is not None:
             out["support_logp"] = support_logprobs(hidden, weight, support, self.chunk_size)
         if top_k > 0:
-            out["topk_logp"], out["topk_ids"] = topk_logprobs(hidden, weight, top_k, self.chunk_size)
+            out["topk_logp"], out["topk_ids"] = topk_logprobs(hidden, weight, top_k, self.chunk_size, exclude)
         return out

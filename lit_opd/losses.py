@@ -49,6 +49,36 @@ def sampled_token_opd(
     return loss.masked_fill(~mask, 0.0)
 
 
+def bounded_sampled_token_opd(
+    logp: Tensor,
+    old_logp: Tensor,
+    teacher_logp: Tensor,
+    mask: Tensor,
+    advantage_clip: float,
+    ratio_clip: float,
+) -> Tensor:
+    """Sampled-token OPD with a bounded per-token weight, for rows whose behaviour log-probs are
+    not their sampler's (teacher rollouts mixed in by phased teacher sampling: A_t can be several
+    nats and ρ_t far from 1).
+
+    logp, old_logp, teacher_logp: [B, T] as in `sampled_token_opd`; c = advantage_clip, ε = ratio_clip:
+        Â_t = clip(A_t, −c, c),   ρ̄_t = clip(ρ_t, 1 − ε, 1 + ε)
+        ℓ_t = −ρ_t · sg(ρ̄_t · Â_t / ρ_t)
+    so the value is −ρ̄_t·Â_t and ∂ℓ_t/∂log π_θ(y_t) = −ρ̄_t·Â_t: the weight of the token's
+    gradient is at most (1 + ε)·c in magnitude, and no token loses its gradient.
+    """
+    check_mask(mask)
+    check_same_shape("mask", mask.shape, logp=logp, old_logp=old_logp, teacher_logp=teacher_logp)
+    check_finite(mask, logp=logp, old_logp=old_logp, teacher_logp=teacher_logp)
+    if advantage_clip <= 0 or not 0 <= ratio_clip < 1:
+        raise ValueError(f"advantage_clip must be > 0 and ratio_clip in [0, 1), got {advantage_clip}, {ratio_clip}")
+    logp, old_logp, teacher_logp = (_zero_padding(mask, x) for x in (logp, old_logp, teacher_logp))
+    advantage = (teacher_logp - old_logp).detach().clamp(-advantage_clip, advantage_clip)
+    ratio = torch.exp(logp - old_logp.detach())
+    weight = ratio.detach().clamp(1.0 - ratio_clip, 1.0 + ratio_clip) * advantage
+    return (-ratio * (weight / ratio.detach())).masked_fill(~mask, 0.0)
+
+
 def _zero_padding(mask: Tensor, x: Tensor) -> Tensor:
     """x ([B, T] or [B, T, ...]) with 0 where mask is False. Padding may hold anything (NaN, ±inf);
     masking only the output would still let 0·NaN poison the backward pass."""
@@ -107,6 +137,7 @@ def topk_lsm(
     divergence: Divergence = "reverse_kl",
     tail: bool = False,
     beta: float = 0.5,
+    target_mix: Tensor | None = None,
 ) -> Tensor:
     """Teacher-TopK / local support matching (LSM) on the teacher's top-K support S_t.
 
@@ -115,6 +146,9 @@ def topk_lsm(
     p̂ = softmax over S_t (tail=False), or [p_1..p_K, 1 − Σ_K p] (tail=True), on both sides.
         reverse_kl: ℓ_t = KL(p̂_θ ‖ p̂_T)     forward_kl: ℓ_t = KL(p̂_T ‖ p̂_θ)
         jsd:        ℓ_t = generalised JSD(β) of p̂_θ and p̂_T (β=0 forward, β=1 reverse)
+    target_mix λ [B, T] (SG-OPD on the top-K loss) replaces the target p̂_T by
+        p* ∝ exp((1 − λ)·sg(log p̂_θ) + λ·log p̂_T)
+    (λ > 1 extrapolates past the teacher, λ < 1 interpolates towards the student).
     Returns [B, T].
     """
     check_mask(mask)
@@ -131,6 +165,10 @@ def topk_lsm(
     check_finite(mask, student_logp=student_logp, teacher_logp=teacher_logp)
     log_student = _support_log_distribution(_zero_padding(mask, student_logp), tail)
     log_teacher = _support_log_distribution(_zero_padding(mask, teacher_logp.detach()), tail)
+    if target_mix is not None:
+        check_same_shape("mask", mask.shape, target_mix=target_mix)
+        lam = target_mix.detach().to(log_teacher.dtype).unsqueeze(-1)
+        log_teacher = torch.log_softmax((1.0 - lam) * log_student.detach() + lam * log_teacher, dim=-1)
     if divergence == "reverse_kl":
         loss = _kl(log_student, log_teacher)
     elif divergence == "forward_kl":

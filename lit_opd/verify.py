@@ -36,20 +36,27 @@ _NUMBER = re.compile(r"-?\d+(?:,\d{3})*(?:\.\d+)?(?:/\d+)?")
 _DIGIT_GROUP_SPACE = re.compile(r"(?<=\d)\\[,;: ](?=\d{3}(?!\d))")
 
 
-def extract_answer(text: str) -> str | None:
+def extract_answer(text: str, fallback: bool = True) -> str | None:
     """The final answer in `text`: the content of the last \\boxed{...} / \\fbox{...} (braces
-    balanced, escaped \\{ \\} ignored), else the last number (thousands commas removed).
+    balanced, escaped \\{ \\} ignored), else (with `fallback`) the last number (thousands
+    commas removed).
 
-    None when there is no answer: no box and no number, an empty box, or a last box left open
-    (a truncated response has not given its answer, even if an earlier box did).
+    None when there is no answer: no box and no number (no box, without `fallback`), an empty
+    box, or a last box left open (a truncated response has not given its answer, even if an
+    earlier box did).
     """
     start = max(text.rfind(marker) for marker in _BOX_MARKERS)
     if start >= 0:
         marker = next(m for m in _BOX_MARKERS if text.startswith(m, start))
         content = _box_content(text, start + len(marker))
         return None if content is None else content.strip() or None
-    numbers = _NUMBER.findall(text)
+    numbers = _NUMBER.findall(text) if fallback else []
     return numbers[-1].replace(",", "") if numbers else None
+
+
+def answer_from_fallback(text: str) -> bool:
+    """Whether `extract_answer(text)` found no box and took the last number instead."""
+    return extract_answer(text, fallback=False) is None and extract_answer(text) is not None
 
 
 def _box_content(text: str, position: int) -> str | None:
@@ -175,11 +182,12 @@ class Verifier:
         self._failed_starts = 0
         self._finalizer = weakref.finalize(self, self._pool.shutdown)
 
-    def verify_batch(self, predictions: list[str], references: list[str]) -> list[bool]:
-        """[is_equivalent(p, r) for p, r in zip(predictions, references)], on all workers."""
+    def verify_batch(self, predictions: list[str], references: list[str], fallback: bool = True) -> list[bool]:
+        """[is_equivalent(p, r) for p, r in zip(predictions, references)], on all workers; without
+        `fallback` only a \\boxed{} answer counts (`extract_answer`)."""
         if len(predictions) != len(references):
             raise ValueError(f"{len(predictions)} predictions but {len(references)} references")
-        answers = [extract_answer(prediction) for prediction in predictions]
+        answers = [extract_answer(prediction, fallback) for prediction in predictions]
         return self.check_batch(answers, references)
 
     def check_batch(self, answers: list[str | None], references: list[str]) -> list[bool]:

@@ -135,18 +135,21 @@ def result(problem_id, correct, lengths, ks=(1, 2)):
         pass_at_k={k: pass_at_k(len(correct), sum(correct), k) for k in ks},
         response_lengths=lengths, truncated=sum(length == 10 for length in lengths),
         responses=[""] * len(correct), extracted=[None] * len(correct),
+        fallback_answers=sum(length == 2 for length in lengths),
     )
 
 
 # n = 4; c = 0, 1, 4. pass@1 = c/4 → (0 + 1/4 + 1)/3 = 5/12.
 # pass@2 = 1 − C(4−c, 2)/C(4, 2): c=0 → 0, c=1 → 1 − 3/6 = 1/2, c=4 → 1; mean (0 + 1/2 + 1)/3 = 1/2.
-# avg@4 = 5 correct / 12 samples; lengths sum (4+10+2+2) + 4·3 + 4·1 = 34 → 34/12; truncated (=10): 1/12.
+# avg@4 = 5 correct / 12 samples; lengths sum (4+10+2+2) + 4·3 + 4·1 = 34 → 34/12; truncated (=10): 1/12;
+# fallback answers (=2, a count): 2.
 HAND_RESULTS = [
     ("zero", [False] * 4, [4, 10, 2, 2]),
     ("one", [True, False, False, False], [3, 3, 3, 3]),
     ("all", [True] * 4, [1, 1, 1, 1]),
 ]
-HAND_SCORES = {"pass@1": 5 / 12, "pass@2": 1 / 2, "avg@4": 5 / 12, "response_length": 34 / 12, "truncated": 1 / 12}
+HAND_SCORES = {"pass@1": 5 / 12, "pass@2": 1 / 2, "avg@4": 5 / 12, "response_length": 34 / 12, "truncated": 1 / 12,
+               "fallback_answers": 2.0}
 
 
 def test_metric_hand_values():
@@ -155,6 +158,15 @@ def test_metric_hand_values():
     metric.update([result(*HAND_RESULTS[2])])
     scores = {key: float(value) for key, value in metric.compute().items()}
     assert scores == pytest.approx(HAND_SCORES, abs=1e-12)
+
+
+def test_answers_from_the_last_number_are_counted():
+    from lit_opd.evaluation import _problem_result
+
+    texts = ["it is 12", "\\boxed{12}", "no answer", "12 or \\boxed{13}"]
+    problem = Problem(id="p", problem="?", answer="12")
+    counted = _problem_result(problem, [1], texts, [3] * 4, [True] * 4, [True, True, False, False], slice(0, 4))
+    assert counted.fallback_answers == 1 and counted.to_row()["fallback_answers"] == 1
 
 
 def test_metric_rejects_results_of_another_shape():

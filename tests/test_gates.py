@@ -257,3 +257,33 @@ def test_bad_input_raises_value_error():
         sign_consistency_gate(logp, old[:1], torch.tensor([True, False]), mask, 0.5, 0.5)
     with pytest.raises(ValueError, match="non-finite"):
         sign_consistency_gate(logp, torch.full_like(old, NAN), torch.tensor([True, False]), mask, 0.5, 0.5)
+
+
+def test_sign_gate_follows_the_applied_update_on_a_reuse_step():
+    """On a reuse epoch π_θ moved past π_T (log π_θ = −0.5 > log π_T = −1) while the applied update
+    still pushes the token up (A = log π_T − log π_old = −1 − (−2) = +1): on a correct row the
+    directions agree (1 + α), though sign(log π_T − log π_θ) would read a disagreement (β)."""
+    from lit_opd.gates import SignConsistencyGate
+
+    batch = {"old_logp": torch.tensor([[-2.0, -2.0]]), "teacher_logp": torch.tensor([[-1.0, -3.0]]),
+             "correct": torch.tensor([True]), "response_mask": torch.tensor([[True, True]])}
+    logp = torch.tensor([[-0.5, -2.5]])  # token 1: A = −1 (pushed down), π_θ also below π_old
+    gate = SignConsistencyGate(alpha=0.5, beta=0.25)
+    torch.testing.assert_close(gate(batch, logp), torch.tensor([[1.5, 0.25]]))
+    current_reading = sign_consistency_gate(logp, batch["teacher_logp"], batch["correct"], batch["response_mask"],
+                                            alpha=0.5, beta=0.25)
+    assert current_reading[0, 0].item() == 0.25  # the reading the gate must not use
+    assert gate.statistics(batch, logp)["train/sign_agree_fraction"].item() == pytest.approx(0.5)
+
+
+def test_sign_agree_fraction_is_the_gates_decision_also_when_alpha_equals_one_minus_beta():
+    """A decision recovered from the gate's value (g == 1 + α) miscounts when 1 + α is also a
+    value a disagreement could take after composition; the statistics read the decision itself."""
+    from lit_opd.gates import SignConsistencyGate
+
+    batch = {"old_logp": torch.tensor([[-1.0, -1.0, -1.0]]), "teacher_logp": torch.tensor([[0.0, -2.0, -0.5]]),
+             "correct": torch.tensor([False]), "response_mask": torch.tensor([[True, True, False]]),
+             "from_teacher": torch.tensor([True])}
+    stats = SignConsistencyGate(alpha=0.0, beta=0.0).statistics(batch, batch["old_logp"])
+    assert stats["train/sign_agree_fraction"].item() == pytest.approx(0.5)  # token 1 agrees (down, wrong row)
+    assert stats["train/teacher_rows/sign_agree_fraction"].item() == pytest.approx(0.5)

@@ -222,3 +222,17 @@ def test_token_logprobs_saved_bytes_do_not_grow_with_vocabulary_times_length():
     assert extras[64, 8192] == extras[64, 512]  # independent of V
     assert extras[512, 8192] == extras[512, 512]
     assert extras[512, 512] <= 8 * extras[64, 512]  # at most linear in T
+
+
+def test_topk_excludes_tokens_but_keeps_them_in_the_normaliser():
+    torch.manual_seed(0)
+    hidden, weight = torch.randn(3, 8), torch.randn(20, 8)
+    logp_all = torch.log_softmax(hidden @ weight.T, dim=-1)
+    top = logp_all.argmax(dim=-1)
+    exclude = top.unique()
+    values, ids = topk_logprobs(hidden, weight, 4, exclude=exclude)
+    assert not torch.isin(ids, exclude).any()
+    torch.testing.assert_close(values, logp_all.gather(1, ids))  # full-vocabulary log-probs
+    kept = logp_all.clone()
+    kept[:, exclude] = float("-inf")
+    torch.testing.assert_close(ids, kept.topk(4, dim=-1).indices)

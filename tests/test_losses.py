@@ -542,3 +542,69 @@ def test_bad_input_raises_value_error():
         gated_reduce(loss, [gate], rmask, reduction="sum")
     with pytest.raises(ValueError, match="bool"):
         gated_reduce(loss, [gate], rmask.float())
+
+
+def test_teacher_rows_weight_is_bounded_on_the_worked_example():
+    """A teacher token the student gives 1e-4 and the teacher 0.9: A = log 0.9 − log 1e-4 ≈ 9.1.
+    After a second epoch's drift (ρ = 30) the unbounded gradient weight ρ·A is ≈ 273; bounded
+    with c = 1, ε = 0.2 it is clip(ρ)·clip(A) = 1.2 (a typical student token: A ≈ 0.29)."""
+    from lit_opd.losses import bounded_sampled_token_opd
+
+    old = torch.tensor([[math.log(1e-4), math.log(0.5)]], dtype=torch.float64)
+    teacher = torch.tensor([[math.log(0.9), math.log(0.5) - 3.0]], dtype=torch.float64)
+    logp = (old + torch.tensor([[math.log(30.0), math.log(0.5)]], dtype=torch.float64)).requires_grad_()
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    unbounded = sampled_token_opd(logp, old, teacher, mask)
+    (grad_unbounded,) = torch.autograd.grad(unbounded.sum(), logp)
+    assert grad_unbounded[0, 0].item() == pytest.approx(-30.0 * (math.log(0.9) - math.log(1e-4)))
+    bounded = bounded_sampled_token_opd(logp, old, teacher, mask, advantage_clip=1.0, ratio_clip=0.2)
+    (grad,) = torch.autograd.grad(bounded.sum(), logp)
+    # token 0: A = 9.1 → 1, ρ = 30 → 1.2; token 1: A = −3 → −1, ρ = 0.5 → 0.8
+    torch.testing.assert_close(grad, torch.tensor([[-1.2, 0.8]], dtype=torch.float64))
+    torch.testing.assert_close(bounded.detach(), torch.tensor([[-1.2, 0.8]], dtype=torch.float64))
+    assert grad.abs().max() <= 1.2 + 1e-12
+
+
+def test_bounded_loss_is_zero_off_the_mask_and_within_bounds_for_any_input():
+    from lit_opd.losses import bounded_sampled_token_opd
+
+    generator = torch.Generator().manual_seed(0)
+    logp = (torch.randn(4, 6, generator=generator, dtype=torch.float64) * 5).requires_grad_()
+    old, teacher = (torch.randn(4, 6, generator=generator, dtype=torch.float64) * 5 for _ in range(2))
+    mask = torch.rand(4, 6, generator=generator) > 0.3
+    loss = bounded_sampled_token_opd(logp, old, teacher, mask, advantage_clip=2.0, ratio_clip=0.1)
+    (grad,) = torch.autograd.grad(loss.sum(), logp)
+    assert (loss[~mask] == 0).all() and (grad[~mask] == 0).all()
+    assert grad.abs().max() <= 1.1 * 2.0 + 1e-12
+
+
+def test_sign_gated_topk_target_hand_values():
+    """K = 2, p̂_θ = (0.6, 0.4), p̂_T = (0.2, 0.8), λ = 1.5 (agree: extrapolate) and 0.5 (disagree):
+    p* ∝ p̂_θ^(1−λ) · p̂_T^λ; reverse KL(p̂_θ ‖ p*)."""
+    student = torch.log(torch.tensor([[[0.6, 0.4], [0.6, 0.4]]], dtype=torch.float64))
+    teacher = torch.log(torch.tensor([[[0.2, 0.8], [0.2, 0.8]]], dtype=torch.float64))
+    mask = torch.ones(1, 2, dtype=torch.bool)
+    lam = torch.tensor([[1.5, 0.5]], dtype=torch.float64)
+    expected = []
+    for value in (1.5, 0.5):
+        weights = [0.6 ** (1 - value) * 0.2**value, 0.4 ** (1 - value) * 0.8**value]
+        target = [w / sum(weights) for w in weights]
+        expected.append(0.6 * math.log(0.6 / target[0]) + 0.4 * math.log(0.4 / target[1]))
+    loss = topk_lsm(student, teacher, mask, "reverse_kl", target_mix=lam)
+    torch.testing.assert_close(loss, torch.tensor([expected], dtype=torch.float64))
+    plain = topk_lsm(student, teacher, mask, "reverse_kl")
+    torch.testing.assert_close(topk_lsm(student, teacher, mask, "reverse_kl", target_mix=torch.ones(1, 2)), plain)
+
+
+def test_sign_gated_topk_target_is_detached_from_the_student():
+    """The target's student part is sg(log p̂_θ): the gradient is that of KL(p̂_θ ‖ p*) with p* fixed."""
+    student = torch.log(torch.tensor([[[0.6, 0.4]]], dtype=torch.float64)).requires_grad_()
+    teacher = torch.log(torch.tensor([[[0.2, 0.8]]], dtype=torch.float64))
+    mask = torch.ones(1, 1, dtype=torch.bool)
+    loss = topk_lsm(student, teacher, mask, "forward_kl", target_mix=torch.tensor([[1.5]], dtype=torch.float64))
+    (grad,) = torch.autograd.grad(loss.sum(), student)
+    weights = torch.tensor([0.6**-0.5 * 0.2**1.5, 0.4**-0.5 * 0.8**1.5], dtype=torch.float64)
+    target = torch.log(weights / weights.sum()).view(1, 1, 2)
+    fixed = student.detach().clone().requires_grad_()
+    (expected,) = torch.autograd.grad(topk_lsm(fixed, target, mask, "forward_kl").sum(), fixed)
+    torch.testing.assert_close(grad, expected)

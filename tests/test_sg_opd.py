@@ -10,6 +10,7 @@ import torch
 from lit_opd.modules.teacher_sampling import PhasedTeacherSampling, pair_rows, replace_responses
 from helpers_cli import fit_and_check
 from lit_opd.gates import sign_consistency_gate
+from lit_opd.losses import topk_lsm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,3 +89,66 @@ def test_sg_opd_with_phased_teacher_sampling_fits(tiny_checkpoints, arithmetic_p
                   "--model.init_args.rollout.teacher_phases=[[0, 1.0], [1, 0.0]]",
                   tags={"train/sign_agree_fraction", "train/verifier_accuracy", "train/teacher_rollout_fraction",
                         "train/teacher_endorsed_rate"})
+
+
+def test_training_verdicts_need_an_end_and_a_boxed_answer(char_tokenizer):
+    """A row is correct in training only if it ended (EOS) and its \\boxed{} answer is right; the
+    last-number fallback comes back with rollout.answer_fallback."""
+    from lit_opd.modules.collection import RolloutCollector
+    from lit_opd.modules.settings import RolloutConfig
+
+    texts = ["so \\boxed{12}", "so \\boxed{12} and", "so it is 12", "so \\boxed{13}"]
+    ended = [True, False, True, True]
+    rows = [char_tokenizer.encode(t, add_special_tokens=False) + ([char_tokenizer.eos_token_id] if e else [])
+            for t, e in zip(texts, ended)]
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([r + [char_tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+    mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
+    answers = ["12"] * 4
+    strict = RolloutCollector(RolloutConfig(), char_tokenizer, 0, verdicts=True, verify_workers=1)
+    lenient = RolloutCollector(RolloutConfig(answer_fallback=True), char_tokenizer, 0, verdicts=True, verify_workers=1)
+    try:
+        assert strict.verify(ids, mask, answers).tolist() == [True, False, False, False]
+        assert lenient.verify(ids, mask, answers).tolist() == [True, False, True, False]
+    finally:
+        strict.close()
+        lenient.close()
+
+
+def test_teacher_rows_are_logged_apart():
+    from lit_opd.modules.step import teacher_row_logs
+
+    mb = {"from_teacher": torch.tensor([True, False]), "response_mask": torch.tensor([[True, True], [True, False]]),
+          "teacher_logp": torch.tensor([[-0.1, -0.5], [-1.0, -9.0]]), "old_logp": torch.tensor([[-9.0, -1.0], [-1.5, 0.0]])}
+    gate = torch.tensor([[1.0, 2.0], [1.0, 0.0]])
+    position_loss = torch.tensor([[-1.0, 0.5], [2.0, 7.0]])
+    logs = teacher_row_logs(mb, gate, position_loss)
+    assert logs["train/teacher_rows/fraction"].item() == pytest.approx(0.5)
+    assert logs["train/teacher_rows/advantage_mean"].item() == pytest.approx((8.9 + 0.5) / 2)
+    assert logs["train/teacher_rows/loss_share"].item() == pytest.approx((1.0 + 1.0) / (1.0 + 1.0 + 2.0))
+    assert set(teacher_row_logs({**mb, "from_teacher": torch.tensor([False, False])}, gate, position_loss)) == {
+        "train/teacher_rows/fraction"}
+
+
+def test_topk_lsm_takes_the_sign_gate_as_its_target_and_masks_special_tokens(tiny_checkpoints):
+    """On TeacherTopKLSM the sign gate sets λ of the target p* (it does not multiply), and
+    mask_special_tokens keeps every special token but the EOS ids out of the teacher's support."""
+    from lit_opd.gates import DriftGate, SignConsistencyGate
+    from lit_opd.modules import TeacherTopKLSM
+
+    sign, drift = SignConsistencyGate(alpha=0.5, beta=0.25), DriftGate(unit="token")
+    module = TeacherTopKLSM(student=tiny_checkpoints["student"], teacher=tiny_checkpoints["teacher"],
+                            gates=[sign, drift], mask_special_tokens=True)
+    assert module.support_exclude == (1, 3)  # <|im_start|>, <unk>; EOS ids 0 and 2 stay
+    mask = torch.tensor([[True, True, False]])
+    mb = {"response_mask": mask, "old_logp": torch.tensor([[-2.0, -2.0, 0.0]]),
+          "teacher_logp": torch.tensor([[-1.0, -3.0, 0.0]]), "correct": torch.tensor([True]),
+          "response_ids": torch.zeros(1, 3, dtype=torch.long),
+          "teacher_topk_logp": torch.log(torch.tensor([[[0.5, 0.3], [0.2, 0.7], [0.5, 0.5]]]))}
+    logp = torch.tensor([[-2.0, -2.0, 0.0]])
+    gates = module.position_gates(mb, logp)
+    assert len(gates) == 1  # the drift gate alone multiplies
+    support_logp = torch.log(torch.tensor([[[0.1, 0.6], [0.4, 0.4], [0.5, 0.5]]]))
+    loss = module.per_token_loss(mb, {"logp": logp, "support_logp": support_logp})
+    expected = topk_lsm(support_logp, mb["teacher_topk_logp"], mask, target_mix=torch.tensor([[1.5, 0.25, 0.0]]))
+    torch.testing.assert_close(loss, expected)

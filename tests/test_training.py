@@ -41,7 +41,7 @@ def test_every_config_prints(config, capsys):
 def test_every_variant_fits_two_steps(config, tiny_checkpoints, prompts_file, tmp_path, monkeypatch):
     """Each variant trains: the student moves, the loss is finite, its TensorBoard tags are written."""
     monkeypatch.chdir(tmp_path)
-    tags = {"train/sign_agree_fraction", "train/verifier_accuracy"} if config.stem == "sg_opd" else ()
+    tags = {"train/sign_agree_fraction", "train/verifier_accuracy"} if config.stem.startswith("sg_") else ()
     fit_and_check(str(config), tiny_checkpoints, prompts_file, tmp_path / "tb", tags=tags)
 
 

@@ -261,3 +261,17 @@ def test_arguments_are_checked(verifier):
         Verifier(timeout=0)
     with pytest.raises(ValueError, match="num_workers"):
         Verifier(num_workers=0)
+
+
+def test_without_the_fallback_only_a_boxed_answer_counts():
+    from lit_opd.verify import answer_from_fallback
+
+    truncated = "3 + 4 = 7, then 7 + 5 = 12 and then we need"
+    assert extract_answer(truncated) == "12"
+    assert extract_answer(truncated, fallback=False) is None
+    assert extract_answer("so \\boxed{12}", fallback=False) == "12"
+    assert answer_from_fallback(truncated) and not answer_from_fallback("\\boxed{12}")
+    assert not answer_from_fallback("no number here")
+    with Verifier(num_workers=1) as verifier:
+        assert verifier.verify_batch([truncated, "\\boxed{12}"], ["12", "12"], fallback=False) == [False, True]
+        assert verifier.verify_batch([truncated], ["12"]) == [True]

@@ -23,7 +23,7 @@ from lit_opd.losses import Reduction, gated_reduce
 from lit_opd.modules.collection import RolloutCollector
 from lit_opd.modules.loading import check_same_vocabulary, load_causal_lm, load_tokenizer
 from lit_opd.modules.settings import DType, OptimConfig, RolloutConfig
-from lit_opd.modules.state import drop_teacher_keys, restore_training_state, training_state
+from lit_opd.modules.state import check_opens_rollout, drop_teacher_keys, restore_training_state, training_state
 from lit_opd.modules.step import NonfiniteGuard, gradient_norms, response_logprobs, step_logs, step_normalizers
 from lit_opd.rollout.buffer import RolloutBuffer
 from lit_opd.rollout.engine import Generation, SamplingConfig
@@ -34,8 +34,9 @@ from lit_opd.verify import available_cpus
 class DistillationModule(L.LightningModule):
     """The shared base of the OPD LightningModules. A variant declares its own arguments, passes
     the rest on (`**kwargs`), sets `teacher_top_k` (the support size the teacher's scoring
-    returns, 0 for none) and implements `per_token_loss(mb, scores) -> [B, T]`. Gates that need
-    verifier verdicts (the sign gate) are defined for variants with `verdict_gates` only.
+    returns, 0 for none; `support_exclude`: ids never in it) and implements
+    `per_token_loss(mb, scores) -> [B, T]`. Gates that need verifier verdicts (the sign gate) are
+    defined for variants with `verdict_gates` only; `position_gates` gives the gates that multiply.
 
     Args:
         student / teacher: HF causal LM paths or hub ids; they must share a vocabulary.
@@ -54,6 +55,7 @@ class DistillationModule(L.LightningModule):
     """
 
     teacher_top_k: int = 0
+    support_exclude: tuple[int, ...] = ()
     verdict_gates: bool = False
 
     def __init__(
@@ -80,8 +82,8 @@ class DistillationModule(L.LightningModule):
         self.rollout, self.optim, self.reduction, self.seed = rollout, optim, reduction, seed
         self.gates = list(gates or [])
         if not self.verdict_gates and any(gate.needs_verdicts for gate in self.gates):
-            raise ValueError(f"model.gates: {type(self).__name__} takes no sign-consistency gate (it is defined "
-                             f"for sampled-token OPD: lit_opd.modules.SampledTokenOPD)")
+            raise ValueError(f"model.gates: {type(self).__name__} takes no sign-consistency gate (it is defined for "
+                             f"lit_opd.modules.SampledTokenOPD and TeacherTopKLSM)")
         for gate in self.gates:
             gate.prepare(self.tokenizer)
         self.chunk_size, self.gradient_checkpointing, self.shard_teacher = chunk_size, gradient_checkpointing, shard_teacher
@@ -125,7 +127,8 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         verdicts = any(gate.needs_verdicts for gate in self.gates)
         workers = max(1, available_cpus() // max(self.trainer.num_devices, 1))
-        self.collector = RolloutCollector(self.rollout, self.tokenizer, self.teacher_top_k, verdicts, workers)
+        self.collector = RolloutCollector(self.rollout, self.tokenizer, self.teacher_top_k, verdicts, workers,
+                                          self.support_exclude)
         if self.generator is None:
             self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.global_rank)
         if stage == "fit":
@@ -173,16 +176,14 @@ class DistillationModule(L.LightningModule):
         support = mb.get("teacher_topk_ids")
         return self.policy(mb["input_ids"], mb["attention_mask"], mb["response_ids"].shape[1], support=support)
 
+    def position_gates(self, mb: dict[str, Tensor], logp: Tensor) -> list[Tensor]:
+        """The gates g_t [B, T] that multiply the position losses: every configured gate."""
+        return [gate(mb, logp) for gate in self.gates]
+
     def training_step(self, batch: dict, batch_idx: int):
         self._step_started = time.perf_counter()
         if self.buffer is None or self.buffer.rollout_index != batch["rollout_index"]:
-            if batch["minibatch_index"] or batch["reuse_index"]:
-                held = None if self.buffer is None else self.buffer.rollout_index
-                raise RuntimeError(
-                    f"the data opens rollout batch {batch['rollout_index']} at mini-batch {batch['minibatch_index']}, "
-                    f"reuse {batch['reuse_index']}, but the rollout buffer holds rollout batch {held}: the data "
-                    f"position and the buffer of a resumed run disagree"
-                )
+            check_opens_rollout(batch, self.buffer)
             self.fill_buffer(batch)
             self.log_dict(self.buffer.stats)
         mb = {k: v.to(self.device) for k, v in self.buffer.minibatches[batch["minibatch_index"]].items()}
@@ -191,7 +192,7 @@ class DistillationModule(L.LightningModule):
         if bad := self.guard.nonfinite(response_logprobs(mb, scores), self.device):
             self.guard.skip(f"non-finite {' and '.join(bad)} ({where})", self.global_step)
             return scores["logp"].sum() * 0.0  # every rank runs the same backward; its gradients are discarded
-        gates = [gate(mb, scores["logp"]) for gate in self.gates]
+        gates = self.position_gates(mb, scores["logp"])
         position_loss = self.per_token_loss(mb, scores)
         loss = gated_reduce(position_loss, gates, mb["response_mask"], self.reduction,
                             self.buffer.normalizers[batch["minibatch_index"]])

@@ -23,13 +23,16 @@ from lit_opd.verify import Verifier
 class RolloutCollector:
     """Collects rollout batches with `rollout`'s settings.
 
-    teacher_top_k: the support size the teacher's scoring returns (0: none). verdicts: whether
-    every row gets a verifier verdict `correct` (also on with rollout.verify or
-    rollout.teacher_phases). verify_workers: verifier processes (started on first use).
+    teacher_top_k: the support size the teacher's scoring returns (0: none); support_exclude:
+    token ids never in that support. verdicts: whether every row gets a verifier verdict
+    `correct` (also on with rollout.verify or rollout.teacher_phases). verify_workers: verifier
+    processes (started on first use).
     """
 
-    def __init__(self, rollout: RolloutConfig, tokenizer, teacher_top_k: int, verdicts: bool, verify_workers: int):
+    def __init__(self, rollout: RolloutConfig, tokenizer, teacher_top_k: int, verdicts: bool, verify_workers: int,
+                 support_exclude: list[int] = ()):
         self.rollout, self.tokenizer, self.teacher_top_k = rollout, tokenizer, teacher_top_k
+        self.support_exclude = torch.tensor(sorted(support_exclude), dtype=torch.long)
         self.eos_ids = eos_token_ids(tokenizer)
         self.engine = build_engine(rollout.engine)
         self.phases = PhasedTeacherSampling(rollout.teacher_phases) if rollout.teacher_phases else None
@@ -57,21 +60,26 @@ class RolloutCollector:
             model.train(was_training)
 
     def verify(self, response_ids: Tensor, response_mask: Tensor, answers: list[str]) -> Tensor:
-        """bool [N]: does each decoded response's final answer equal its reference (time-bounded
+        """bool [N]: did each response end (an EOS id under its mask) with a final answer equal to
+        its reference (in \\boxed{}, or the last number with rollout.answer_fallback; time-bounded
         math-verify in a process pool; a hung or crashed check counts as wrong)."""
         if self.verifier is None:
             self.verifier = Verifier(num_workers=self.verify_workers, timeout=self.rollout.verify_timeout)
         texts = self.tokenizer.batch_decode(response_ids.masked_fill(~response_mask, self.tokenizer.pad_token_id),
                                             skip_special_tokens=True)
-        return torch.tensor(self.verifier.verify_batch(texts, answers), dtype=torch.bool, device=response_ids.device)
+        verdicts = self.verifier.verify_batch(texts, answers, fallback=self.rollout.answer_fallback)
+        ended = (torch.isin(response_ids, torch.tensor(self.eos_ids, device=response_ids.device)) & response_mask).any(1)
+        return torch.tensor(verdicts, dtype=torch.bool, device=response_ids.device) & ended
 
     @torch.no_grad()
     def score(self, scorer: CausalLMScorer, rows: dict[str, Tensor], top_k: int = 0) -> dict[str, Tensor]:
-        """No-grad log-probs of the response tokens of `rows`, in chunks of score_batch_size rows."""
+        """No-grad log-probs of the response tokens of `rows` (and the top-K outside
+        support_exclude), in chunks of score_batch_size rows."""
         T = rows["response_ids"].shape[1]
         size = self.rollout.score_batch_size
+        exclude = self.support_exclude if top_k and len(self.support_exclude) else None
         parts = [
-            scorer(rows["input_ids"][i : i + size], rows["attention_mask"][i : i + size], T, top_k=top_k)
+            scorer(rows["input_ids"][i : i + size], rows["attention_mask"][i : i + size], T, top_k=top_k, exclude=exclude)
             for i in range(0, rows["input_ids"].shape[0], size)
         ]
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}

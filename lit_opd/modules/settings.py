@@ -23,7 +23,9 @@ class RolloutConfig:
 
     Verifier verdicts (`correct` per row, `math-verify`, verify_timeout seconds per check) are
     computed when a gate needs them, when teacher_phases is set, or when verify is true (then
-    only logged: train/verifier_accuracy). teacher_phases: phased teacher sampling, a schedule of
+    only logged: train/verifier_accuracy). A row is correct only if it ended (an EOS id, not cut
+    at max_new_tokens) and its final answer, in \\boxed{}, equals the reference; answer_fallback
+    also takes the last number of a response without a box as its answer (as evaluation does). teacher_phases: phased teacher sampling, a schedule of
     [start step, fraction] phases from step 0, e.g. [[0, 0.5], [50, 0.25], [100, 0.0]]
     (`lit_opd.modules.teacher_sampling`); empty: off.
     """
@@ -37,6 +39,7 @@ class RolloutConfig:
     score_batch_size: int = 64
     verify: bool = False
     verify_timeout: float = 5.0
+    answer_fallback: bool = False
     teacher_phases: list[tuple[int, float]] = field(default_factory=list)
 
     def sampling(self) -> SamplingConfig:

@@ -10,6 +10,18 @@ from lit_opd.modules.step import NonfiniteGuard
 from lit_opd.rollout.buffer import RolloutBuffer
 
 
+def check_opens_rollout(batch: dict, buffer: RolloutBuffer | None) -> None:
+    """A data item that needs a new rollout batch must be its first (mini-batch 0 of reuse 0):
+    otherwise a resumed run's data position and rollout buffer disagree."""
+    if batch["minibatch_index"] or batch["reuse_index"]:
+        held = None if buffer is None else buffer.rollout_index
+        raise RuntimeError(
+            f"the data opens rollout batch {batch['rollout_index']} at mini-batch {batch['minibatch_index']}, "
+            f"reuse {batch['reuse_index']}, but the rollout buffer holds rollout batch {held}: the data "
+            f"position and the buffer of a resumed run disagree"
+        )
+
+
 def drop_teacher_keys(module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
     """State-dict post-hook: the frozen teacher's parameters are not training state (checkpoints
     hold no teacher: it is reloaded from model.teacher)."""

@@ -115,7 +115,8 @@ class NonfiniteGuard:
 def step_logs(
     mb: dict[str, Tensor], logp: Tensor, gates: list[Tensor], position_loss: Tensor, reduction: Reduction
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """(scalars of this mini-batch — local means — , the composed gate at its valid positions)."""
+    """(scalars of this mini-batch — local means, teacher rows apart — , the composed gate at its
+    valid positions)."""
     mask = mb["response_mask"]
     logp = logp.detach()
     gate = torch.ones_like(logp)
@@ -129,5 +130,24 @@ def step_logs(
         "train/gate_mean": valid.mean(),
         "train/gate_min": valid.min(),
         "train/gate_max": valid.max(),
+        **teacher_row_logs(mb, gate, position_loss),
     }
     return scalars, valid
+
+
+def teacher_row_logs(mb: dict[str, Tensor], gate: Tensor, position_loss: Tensor) -> dict[str, Tensor]:
+    """Scalars of the teacher rollouts mixed into this mini-batch (`from_teacher` [N]; gate: the
+    composed gate [N, T]): their fraction of the rows, their mean advantage A = log π_T − log π_old,
+    and their share of Σ |g ℓ| over the mini-batch's response tokens. {} when `from_teacher` is absent."""
+    rows = mb.get("from_teacher")
+    if rows is None:
+        return {}
+    logs = {"train/teacher_rows/fraction": rows.float().mean()}
+    if rows.any():
+        mask = mb["response_mask"]
+        teacher_tokens = mask & rows[:, None]
+        advantage = (mb["teacher_logp"] - mb["old_logp"]).detach()
+        weighted = (gate * position_loss.detach()).abs() * mask
+        logs["train/teacher_rows/advantage_mean"] = masked_mean(advantage, teacher_tokens)
+        logs["train/teacher_rows/loss_share"] = weighted[rows].sum() / weighted.sum().clamp(min=1e-30)
+    return logs

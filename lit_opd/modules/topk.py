@@ -2,6 +2,8 @@
 
 from typing import Literal
 
+from lit_opd.data.templates import eos_token_ids
+from lit_opd.gates import SignConsistencyGate
 from lit_opd.losses import topk_lsm
 from lit_opd.modules.base import DistillationModule
 
@@ -12,11 +14,21 @@ class TeacherTopKLSM(DistillationModule):
     log-probs are computed once per rollout batch; the gradient flows through the student's
     logits on S_t (no score function).
 
+    With `lit_opd.gates.SignConsistencyGate` among the gates this is SG-OPD on the top-K loss:
+    the target becomes p* ∝ exp((1 − λ)·sg(log p̂_θ) + λ·log p̂_T) on S_t, λ = 1 + α where the
+    teacher's direction agrees with the verifier's and β where not (configs/sg_topk_lsm.yaml);
+    the other gates multiply as usual.
+
     Args:
         top_k: support size K (32, as in the LSM paper).
         divergence, tail, beta: as `losses.topk_lsm` (beta is the JSD β).
+        mask_special_tokens: the tokenizer's special tokens other than the EOS ids leave the
+            teacher's support (before renormalising; their mass joins the tail bucket), as the LSM
+            paper masks them. The EOS ids stay, or the student could not learn to stop.
         **kwargs: the shared arguments of `DistillationModule` (student, teacher, rollout, gates, ...).
     """
+
+    verdict_gates = True
 
     def __init__(
         self,
@@ -25,13 +37,21 @@ class TeacherTopKLSM(DistillationModule):
         divergence: Literal["reverse_kl", "forward_kl", "jsd"] = "reverse_kl",
         tail: bool = False,
         beta: float = 0.5,
+        mask_special_tokens: bool = False,
         **kwargs,
     ):
         if top_k < 1:
             raise ValueError(f"model.top_k must be ≥ 1, got {top_k}")
         super().__init__(**kwargs)
         self.teacher_top_k, self.divergence, self.tail, self.beta = top_k, divergence, tail, beta
+        if mask_special_tokens:
+            self.support_exclude = tuple(sorted(set(self.tokenizer.all_special_ids) - set(eos_token_ids(self.tokenizer))))
+        self.sign_gate = next((g for g in self.gates if isinstance(g, SignConsistencyGate)), None)
+
+    def position_gates(self, mb, logp):
+        return [gate(mb, logp) for gate in self.gates if gate is not self.sign_gate]
 
     def per_token_loss(self, mb, scores):
+        target_mix = None if self.sign_gate is None else self.sign_gate(mb, scores["logp"])
         return topk_lsm(scores["support_logp"], mb["teacher_topk_logp"], mb["response_mask"],
-                        self.divergence, self.tail, self.beta)
+                        self.divergence, self.tail, self.beta, target_mix)

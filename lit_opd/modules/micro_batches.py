@@ -1,0 +1,67 @@
+"""Token-budget micro-batches: an optimiser step's mini-batch cut into pieces whose padded token
+count stays within a budget, so that the step's memory is set by the budget, not by the rows.
+
+Rows are [left-padded prompt | right-padded response]; a micro-batch is trimmed to its own
+longest prompt and response, so its padded token count is rows × (longest prompt + longest
+response). No packing (that would need variable-length attention).
+"""
+
+import torch
+from torch import Tensor
+
+# Per-row tensors of a rollout mini-batch that are laid out [N, P+T] (the rest are [N, T, ...] or [N]).
+PROMPT_AND_RESPONSE = ("input_ids", "attention_mask")
+
+
+def prompt_response_lengths(mb: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """([N] prompt tokens, [N] response tokens) of each row: its unpadded lengths."""
+    T = mb["response_ids"].shape[1]
+    return mb["attention_mask"][:, :-T].sum(dim=1), mb["response_mask"].sum(dim=1)
+
+
+def cut_rows(prompt_lengths: Tensor, response_lengths: Tensor, budget: int) -> list[Tensor]:
+    """Row indices of each micro-batch. budget ≤ 0: one micro-batch of every row, in order. Else
+    rows sorted by length (prompt + response), longest first, fill micro-batches greedily while
+    rows × (longest prompt + longest response) ≤ budget (a row over the budget goes alone); the
+    micro-batches come largest padded token count first, so an out-of-memory shows at once."""
+    if budget <= 0:
+        return [torch.arange(len(prompt_lengths))]
+    order = torch.argsort(prompt_lengths + response_lengths, descending=True, stable=True).tolist()
+    parts, current, longest_prompt, longest_response = [], [], 0, 0
+    for row in order:
+        p, r = int(prompt_lengths[row]), int(response_lengths[row])
+        if current and (len(current) + 1) * (max(longest_prompt, p) + max(longest_response, r)) > budget:
+            parts.append((len(current) * (longest_prompt + longest_response), current))
+            current, longest_prompt, longest_response = [], 0, 0
+        current.append(row)
+        longest_prompt, longest_response = max(longest_prompt, p), max(longest_response, r)
+    parts.append((len(current) * (longest_prompt + longest_response), current))
+    parts.sort(key=lambda part: -part[0])
+    return [torch.tensor(rows, dtype=torch.long) for _, rows in parts]
+
+
+def take_rows(mb: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
+    """The rows `rows` of a mini-batch, trimmed of the prompt columns that are padding in every one
+    of them (on the left) and of the response columns none of them uses (on the right)."""
+    T = mb["response_ids"].shape[1]
+    part = {key: value[rows.to(value.device)] for key, value in mb.items()}
+    prompt_mask = part["attention_mask"][:, :-T]
+    used = prompt_mask.any(dim=0).nonzero()
+    first_prompt_column = int(used.min()) if len(used) else prompt_mask.shape[1]
+    used = part["response_mask"].any(dim=0).nonzero()
+    response_columns = int(used.max()) + 1 if len(used) else 1
+    drop = T - response_columns
+    out = {}
+    for key, value in part.items():
+        if key in PROMPT_AND_RESPONSE:
+            out[key] = value[:, first_prompt_column : value.shape[1] - drop]
+        elif value.dim() >= 2 and value.shape[1] == T:
+            out[key] = value[:, :response_columns]
+        else:
+            out[key] = value
+    return out
+
+
+def padded_tokens(mb: dict[str, Tensor]) -> int:
+    """The padded token count of a (micro-)batch: rows × columns of its input_ids."""
+    return mb["input_ids"].numel()
