@@ -131,7 +131,7 @@ def find_last_checkpoint(trainer, continue_run: bool) -> str | None:
 def resume_layout(module, datamodule, trainer) -> dict[str, Any]:
     """The settings a checkpoint's rollout buffer and data position depend on, by their CLI names:
     the variant, the teacher that scored the buffer, the rows and normalisers of the buffer
-    (num_samples, teacher top-K, reduction, accumulation, processes) and the micro-step → rollout
+    (num_samples, teacher top-K, reduction, processes) and the step → rollout
     mapping of the data schedule (prompts_per_rollout, reuse, num_minibatches)."""
     teacher = module.teacher_path
     layout = {
@@ -140,7 +140,6 @@ def resume_layout(module, datamodule, trainer) -> dict[str, Any]:
         "model.init_args.rollout.num_samples": module.rollout.num_samples,
         "model.init_args.reduction": module.reduction,
         "model.init_args.top_k": module.teacher_top_k,
-        "trainer.accumulate_grad_batches": trainer.accumulate_grad_batches,
         "processes (trainer.num_nodes × trainer.devices)": trainer.num_nodes * trainer.num_devices,
     }
     hparams = getattr(datamodule, "hparams", {})

@@ -112,14 +112,36 @@ def raw_drift_gate(
     sharpness: float = 1.0,
 ) -> Tensor:
     """r_t = exp(−λ·D_u(t)), D_u the aggregated drift d = sg(logp − old_logp) over t's unit.
-    [B, T], detached, not normalised, 0 off the mask."""
+    [B, T], detached, not normalised, 0 off the mask (it underflows to 0 once λ·D > ~87 in
+    float32: the gates normalise `drift_log_gate` in log space instead)."""
+    log_raw = drift_log_gate(logp, old_logp, mask, unit, block_size, span_ends, agg, sharpness)
+    return torch.exp(log_raw).masked_fill(~mask, 0.0)
+
+
+def drift_log_gate(
+    logp: Tensor,
+    old_logp: Tensor,
+    mask: Tensor,
+    unit: Unit = "block",
+    block_size: int = 64,
+    span_ends: Tensor | None = None,
+    agg: Aggregation = "mean_abs",
+    sharpness: float = 1.0,
+) -> Tensor:
+    """log r_t = −λ·D_u(t) (see `raw_drift_gate`): [B, T], detached, 0 off the mask."""
     check_mask(mask)
     check_same_shape("mask", mask.shape, logp=logp, old_logp=old_logp)
     check_finite(mask, logp=logp, old_logp=old_logp)
     drift = (logp - old_logp).detach().masked_fill(~mask, 0.0)
     ids = unit_ids(mask, unit, block_size, span_ends)
-    raw = torch.exp(-sharpness * unit_drift(drift, mask, ids, agg))
-    return raw.masked_fill(~mask, 0.0)
+    return (-sharpness * unit_drift(drift, mask, ids, agg)).masked_fill(~mask, 0.0)
+
+
+def shifted_raw_gate(log_raw: Tensor, mask: Tensor, shift: Tensor) -> Tensor:
+    """exp(log r − shift), 0 off the mask: r up to the constant factor exp(−shift), which the mean
+    normalisation cancels; with shift = the largest log r the largest value is 1, so no unit
+    underflows unless it is ~87 nats below the least drifted one (then its weight is 0, not NaN)."""
+    return torch.exp((log_raw - shift).masked_fill(~mask, 0.0)).masked_fill(~mask, 0.0)
 
 
 def drift_gate(
@@ -140,12 +162,14 @@ def drift_gate(
     logp: [B, T] log π_θ(y_t); old_logp: [B, T] log π_old(y_t).
         d_t = sg(logp_t − old_logp_t);  D_u = agg_{t∈u, m_t} d_t;  r_t = exp(−sharpness·D_u(t))
         g_t = r_t / (Σ_m r / Σ_m 1)      (token-weighted mean over all masked-in positions)
-    Optional residual form g = 1 + α(r/mean(r) − 1) and clip to [g_min, g_max].
+    Optional residual form g = 1 + α(r/mean(r) − 1) and clip to [g_min, g_max]. Normalised in log
+    space (`shifted_raw_gate`), so the gate stays finite for any drift.
     Returns [B, T], detached, 0 where mask is False.
     """
     check_mask(mask)
     check_nonempty(mask)
-    raw = raw_drift_gate(logp, old_logp, mask, unit, block_size, span_ends, agg, sharpness)
+    log_raw = drift_log_gate(logp, old_logp, mask, unit, block_size, span_ends, agg, sharpness)
+    raw = shifted_raw_gate(log_raw, mask, log_raw[mask].max())
     return normalize_gate(raw, mask, g_min, g_max, residual_alpha)
 
 
@@ -182,6 +206,14 @@ def sign_agreement(logp: Tensor, teacher_logp: Tensor, correct: Tensor) -> Tenso
     return teacher_up == correct.bool()[:, None]
 
 
+def global_masked_max(values: Tensor, mask: Tensor) -> Tensor:
+    """max over the masked-in positions of the global batch (all ranks; −inf where none)."""
+    top = values.masked_fill(~mask, float("-inf")).max() if mask.numel() else values.new_tensor(float("-inf"))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(top, op=torch.distributed.ReduceOp.MAX)
+    return top
+
+
 def global_masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     """Σ_m values / Σ_m 1 over the global batch: summed across ranks when torch.distributed is
     initialised (every rank must call this, as every rank computes its gates each step)."""
@@ -199,10 +231,12 @@ class Gate:
     `batch` is a rollout mini-batch (keys: response_ids, response_mask, old_logp, teacher_logp,
     correct, ...); `logp` [B, T] is log π_θ of the sampled tokens. Gates are given in YAML by
     class_path and composed by product. A gate with `needs_verdicts` makes rollout collection
-    verify every row (`batch["correct"]`, bool [B]).
+    verify every row (`batch["correct"]`, bool [B]); one with `reads_logp` (the default) reads
+    the current log-probs `logp`, so a step cut into micro-batches computes them first.
     """
 
     needs_verdicts: bool = False
+    reads_logp: bool = True
 
     def prepare(self, tokenizer) -> None:
         """Called once with the tokenizer before training (e.g. to find delimiter tokens)."""
@@ -216,7 +250,8 @@ class Gate:
 
 
 class DriftGate(Gate):
-    """Policy-drift gate (`drift_gate`), mean-normalised over the global batch (all ranks).
+    """Policy-drift gate (`drift_gate`), mean-normalised in log space over the global batch (all
+    ranks): the whole optimiser step when the module gives it the step's mini-batch.
 
     unit="span" splits the response after every token whose text contains `span_delimiter`
     (a blank line "\\n\\n" by default: one reasoning step per span).
@@ -257,11 +292,11 @@ class DriftGate(Gate):
 
     def __call__(self, batch, logp):
         mask = batch["response_mask"]
-        raw = raw_drift_gate(
+        log_raw = drift_log_gate(
             logp, batch["old_logp"], mask, self.unit, self.block_size, self.span_ends(batch), self.agg, self.sharpness
         )
-        mean = global_masked_mean(raw, mask)
-        return normalize_gate(raw, mask, self.g_min, self.g_max, self.residual_alpha, mean=mean)
+        raw = shifted_raw_gate(log_raw, mask, global_masked_max(log_raw, mask))
+        return normalize_gate(raw, mask, self.g_min, self.g_max, self.residual_alpha, mean=global_masked_mean(raw, mask))
 
 
 class SignConsistencyGate(Gate):
@@ -279,6 +314,7 @@ class SignConsistencyGate(Gate):
     """
 
     needs_verdicts = True
+    reads_logp = False
 
     def __init__(self, alpha: float = 0.5, beta: float = 0.5):
         if alpha < 0:

@@ -58,6 +58,7 @@ class OPDCLI(LightningCLI):
         return trainer
 
     def before_fit(self) -> None:
+        check_manual_optimisation(self.trainer)
         self.resolve_checkpoint("fit")
 
     def before_validate(self) -> None:
@@ -90,6 +91,17 @@ class OPDCLI(LightningCLI):
             if isinstance(callback, SaveConfigCallback) and self.trainer.log_dir is not None:
                 if os.path.exists(os.path.join(self.trainer.log_dir, callback.config_filename)):
                     callback.config_filename = f"config_resume_step{checkpoint['global_step']}.yaml"
+
+
+def check_manual_optimisation(trainer) -> None:
+    """lit_opd's modules optimise manually (an optimiser step is a mini-batch cut into micro-batches
+    by a token budget), which Lightning's automatic clipping and accumulation do not drive."""
+    if trainer.gradient_clip_val:
+        raise ValueError("trainer.gradient_clip_val: lit_opd clips in its optimiser step; set "
+                         "model.init_args.optim.gradient_clip_val instead")
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError("trainer.accumulate_grad_batches: an optimiser step is one mini-batch (data.num_minibatches "
+                         "per epoch over a rollout batch); to bound its memory set model.init_args.micro_batch_tokens")
 
 
 def resolve_config_names(args: list[str]) -> list[str]:

@@ -117,6 +117,21 @@ def shard_scorers(module, policy: nn.Module, teacher: nn.Module, shard_teacher: 
     return policy, teacher
 
 
+@contextmanager
+def gradient_sync(scorer: nn.Module, enabled: bool):
+    """The body's backward reduces gradients across ranks only if `enabled` (the last micro-batch of
+    an optimiser step); before it they accumulate locally: FSDP2 `set_requires_gradient_sync`,
+    FSDP1 `no_sync`. A no-op for a module that is not sharded."""
+    if isinstance(scorer, FSDPModule):
+        scorer.set_requires_gradient_sync(enabled)
+        yield
+    elif isinstance(scorer, FullyShardedDataParallel) and not enabled:
+        with scorer.no_sync():
+            yield
+    else:
+        yield
+
+
 def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, (FSDPModule, FullyShardedDataParallel))
 

@@ -287,3 +287,19 @@ def test_sign_agree_fraction_is_the_gates_decision_also_when_alpha_equals_one_mi
     stats = SignConsistencyGate(alpha=0.0, beta=0.0).statistics(batch, batch["old_logp"])
     assert stats["train/sign_agree_fraction"].item() == pytest.approx(0.5)  # token 1 agrees (down, wrong row)
     assert stats["train/teacher_rows/sign_agree_fraction"].item() == pytest.approx(0.5)
+
+
+def test_drift_gate_is_finite_for_any_drift():
+    """At 200 nats of drift exp(−λ·D) underflows to 0 for every unit in float32 and r / mean(r)
+    would be 0/0; normalised in log space the gate is that of the same drifts shifted by 190."""
+    from lit_opd.gates import DriftGate
+
+    mask = torch.ones(2, 4, dtype=torch.bool)
+    old = torch.zeros(2, 4)
+    near = torch.tensor([[10.0, 10.0, 12.0, 12.0], [11.0, 11.0, 10.0, 10.0]])
+    far = near + 190.0
+    expected = drift_gate(near, old, mask, unit="block", block_size=2)
+    torch.testing.assert_close(drift_gate(far, old, mask, unit="block", block_size=2), expected)
+    gate = DriftGate(unit="block", block_size=2)({"response_mask": mask, "old_logp": old}, far)
+    assert torch.isfinite(gate).all()
+    torch.testing.assert_close(gate, expected)

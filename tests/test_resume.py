@@ -187,18 +187,18 @@ class Losses(L.Callback):
                           batch["minibatch_index"], float(outputs["loss"])))
 
 
-def python_api_fit(checkpoints, inputs, out: Path, max_steps: int, ckpt_path=None):
-    """SampledTokenOPD with a Block gate, 2 rollout batches per epoch of 4 micro-steps each (reuse
-    2 × 2 mini-batches), accumulate_grad_batches 2: an epoch is 4 optimiser steps."""
+def python_api_fit(checkpoints, inputs, out: Path, max_steps: int, ckpt_path=None, micro_batch_tokens: int = 0):
+    """SampledTokenOPD with a Block gate, 2 rollout batches per epoch of 4 optimiser steps each
+    (reuse 2 × 2 mini-batches): an epoch is 8 optimiser steps."""
     module = SampledTokenOPD(student=checkpoints["student"], teacher=checkpoints["teacher"], dtype="float32",
                              rollout=RolloutConfig(num_samples=2, max_new_tokens=8), optim=OptimConfig(lr=1e-2),
-                             gates=[DriftGate(block_size=4)])
+                             gates=[DriftGate(block_size=4)], micro_batch_tokens=micro_batch_tokens)
     data = PromptDataModule(checkpoints["student"], str(inputs / "train.jsonl"), instruction="", max_prompts=4,
                             prompts_per_rollout=2, reuse=2, num_minibatches=2)
     losses = Losses()
     saver = ModelCheckpoint(dirpath=out, every_n_train_steps=1, save_top_k=-1)
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, accumulate_grad_batches=2,
+                        enable_model_summary=False, num_sanity_val_steps=0,
                         deterministic=True, plugins=[AtomicCheckpointIO()], callbacks=[losses, saver])
     trainer.fit(module, data, ckpt_path=ckpt_path)
     [last] = out.glob(f"*step={max_steps}.ckpt")
@@ -207,23 +207,38 @@ def python_api_fit(checkpoints, inputs, out: Path, max_steps: int, ckpt_path=Non
 
 @pytest.fixture(scope="module")
 def straight_python_api_run(tiny_checkpoints, inputs, tmp_path_factory):
-    """Six uninterrupted steps, a checkpoint after each: (losses, final checkpoint, directory)."""
+    """Ten uninterrupted steps, a checkpoint after each: (losses, final checkpoint, directory)."""
     out = tmp_path_factory.mktemp("straight_api")
-    return *python_api_fit(tiny_checkpoints, inputs, out, max_steps=6), out
+    return *python_api_fit(tiny_checkpoints, inputs, out, max_steps=10), out
 
 
-@pytest.mark.parametrize("resume_after", [3, 4], ids=["mid_epoch_mid_reuse", "at_epoch_end"])
-def test_resume_with_accumulation_across_an_epoch_end(straight_python_api_run, resume_after, tiny_checkpoints,
-                                                      inputs, tmp_path):
-    """Trainer.fit(ckpt_path=...) from the checkpoint of step 3 (second reuse epoch of a rollout
-    batch) or 4 (the last step of the data epoch) continues like the uninterrupted run."""
+@pytest.mark.parametrize("resume_after", [7, 8], ids=["mid_epoch_mid_reuse", "at_epoch_end"])
+def test_resume_across_an_epoch_end(straight_python_api_run, resume_after, tiny_checkpoints, inputs, tmp_path):
+    """Trainer.fit(ckpt_path=...) from the checkpoint of step 7 (second reuse epoch of a rollout
+    batch) or 8 (the last step of the data epoch) continues like the uninterrupted run."""
     straight_rows, straight_final, straight_dir = straight_python_api_run
     [path] = straight_dir.glob(f"*step={resume_after}.ckpt")
-    rows, final = python_api_fit(tiny_checkpoints, inputs, tmp_path / "resumed", max_steps=6, ckpt_path=path)
-    assert rows == straight_rows[2 * resume_after :]
-    assert [r[1] for r in straight_rows] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]  # epoch 2 starts at rollout 2
+    rows, final = python_api_fit(tiny_checkpoints, inputs, tmp_path / "resumed", max_steps=10, ckpt_path=path)
+    assert rows == straight_rows[resume_after:]
+    assert [r[1] for r in straight_rows] == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]  # epoch 2 starts at rollout 2
     for name, weight in straight_final["state_dict"].items():
         assert torch.equal(final["state_dict"][name], weight), name
+
+
+def test_a_run_resumes_with_a_smaller_micro_batch_budget(straight_python_api_run, tiny_checkpoints, inputs, tmp_path):
+    """micro_batch_tokens is not part of the resume layout: a run that ran out of memory resumes from
+    its checkpoint with a smaller budget and continues (its numbers those of the uncut run to float32
+    rounding: the objective does not depend on the cut)."""
+    straight_rows, straight_final, straight_dir = straight_python_api_run
+    [path] = straight_dir.glob("*step=7.ckpt")
+    rows, final = python_api_fit(tiny_checkpoints, inputs, tmp_path / "resumed", max_steps=8, ckpt_path=path,
+                                 micro_batch_tokens=64)
+    assert [row[:4] for row in rows] == [row[:4] for row in straight_rows[7:8]]
+    assert rows[0][4] == pytest.approx(straight_rows[7][4], rel=1e-5)
+    [straight_step8] = straight_dir.glob("*step=8.ckpt")
+    expected = torch.load(straight_step8, weights_only=False)["state_dict"]
+    for name, weight in expected.items():
+        torch.testing.assert_close(final["state_dict"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
 
 
 # ----------------------------------------------------------------------- atomic writes
@@ -292,7 +307,6 @@ def no_model_loads(monkeypatch):
     [
         ("--data.reuse=3", "data.reuse is 3 here but 2 in the checkpoint"),
         ("--data.num_minibatches=1", "data.num_minibatches is 1 here but 2"),
-        ("--trainer.accumulate_grad_batches=2", "trainer.accumulate_grad_batches is 2 here but 1"),
         ("--model.init_args.rollout.num_samples=4", "model.init_args.rollout.num_samples is 4 here but 2"),
         ("TEACHER", "model.init_args.teacher is"),
     ],

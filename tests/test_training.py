@@ -8,7 +8,7 @@ import lightning as L
 import pytest
 import torch
 
-from helpers_cli import fit_and_check
+from helpers_cli import OVERRIDES, fit_and_check, tiny_args
 from lit_opd.cli import main
 from lit_opd.data.prompts import PromptDataModule
 from lit_opd.gates import DriftGate
@@ -95,31 +95,6 @@ def test_reuse_drift_zero_on_first_use_and_teacher_scored_once(tiny_checkpoints,
     assert module.teacher_calls == 2  # one scoring pass per rollout batch (score_batch_size ≥ rows)
 
 
-def gradient_after_one_step(checkpoints, prompts_file, num_minibatches, accumulate):
-    torch.manual_seed(0)
-    module = make_module(checkpoints, optim=OptimConfig(lr=0.0))
-    grads = {}
-
-    class Capture(L.Callback):
-        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-            for name, p in pl_module.policy.named_parameters():
-                grads[name] = p.grad.detach().clone()
-
-    data = PromptDataModule(checkpoints["student"], prompts_file, prompts_per_rollout=4, reuse=1,
-                            num_minibatches=num_minibatches, shuffle=False)
-    make_trainer(1, accumulate_grad_batches=accumulate, callbacks=[Capture()]).fit(module, data)
-    return grads
-
-
-def test_gradient_accumulation_equals_one_big_batch(tiny_checkpoints, prompts_file):
-    big = gradient_after_one_step(tiny_checkpoints, prompts_file, num_minibatches=1, accumulate=1)
-    accumulated = gradient_after_one_step(tiny_checkpoints, prompts_file, num_minibatches=2, accumulate=2)
-    assert big.keys() == accumulated.keys()
-    for name in big:
-        torch.testing.assert_close(accumulated[name], big[name], rtol=1e-4, atol=1e-6, msg=name)
-    assert any(g.abs().sum() > 0 for g in big.values())
-
-
 def test_teacher_with_other_vocabulary_is_refused(tiny_checkpoints, tmp_path):
     from transformers import AutoTokenizer
 
@@ -130,11 +105,18 @@ def test_teacher_with_other_vocabulary_is_refused(tiny_checkpoints, tmp_path):
         SampledTokenOPD(student=tiny_checkpoints["student"], teacher=str(tmp_path))
 
 
-def test_minibatches_must_divide_by_accumulation(tiny_checkpoints, prompts_file):
-    module = make_module(tiny_checkpoints)
-    data = PromptDataModule(tiny_checkpoints["student"], prompts_file, prompts_per_rollout=2, num_minibatches=3)
-    with pytest.raises(ValueError, match="multiple of"):
-        make_trainer(1, accumulate_grad_batches=2).fit(module, data)
+@pytest.mark.parametrize(("setting", "named"), [
+    ("--trainer.gradient_clip_val=1.0", "model.init_args.optim.gradient_clip_val"),
+    ("--trainer.accumulate_grad_batches=2", "model.init_args.micro_batch_tokens"),
+])
+def test_lightnings_clipping_and_accumulation_are_refused_naming_the_new_way(setting, named, tiny_checkpoints,
+                                                                            prompts_file, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", "opd", "--config", OVERRIDES, *tiny_args(tiny_checkpoints, prompts_file), setting])
+    message = str(exit_info.value.code)
+    assert message.startswith(f"lit-opd: error: {setting[2:].split('=')[0]}:") and named in message
+    assert "\n" not in message
 
 
 def test_export_student_writes_loadable_hf_checkpoints(tiny_checkpoints, prompts_file, tmp_path):

@@ -1,10 +1,12 @@
 """DistillationModule: the training loop every OPD variant shares, in the order it runs.
 
 A training step opens a rollout batch when the data says so (`RolloutCollector`: generate →
-verify → mix teacher rollouts → score → split), then trains on one mini-batch of it: student
-log-probs → the variant's position losses (`per_token_loss`, the one override) → gates (YAML
-objects, composed by product) → one `gated_reduce`. Its parts live beside this file: loading,
-collection, teacher_sampling, step, state; sharding in `lit_opd.sharding`.
+verify → mix teacher rollouts → score → split), then makes one optimiser step on one mini-batch
+of it, cut into micro-batches by a token budget: per micro-batch, student log-probs → the
+variant's position losses (`per_token_loss`, the one override) → gates (YAML objects, composed by
+product, normalised over the whole step) → one `gated_reduce` → backward. Its parts live beside
+this file: loading, collection, teacher_sampling, micro_batches, step, state; sharding in
+`lit_opd.sharding`.
 """
 
 import time
@@ -24,10 +26,11 @@ from lit_opd.modules.collection import RolloutCollector
 from lit_opd.modules.loading import check_same_vocabulary, load_causal_lm, load_tokenizer
 from lit_opd.modules.settings import DType, OptimConfig, RolloutConfig
 from lit_opd.modules.state import check_opens_rollout, drop_teacher_keys, restore_training_state, training_state
-from lit_opd.modules.step import NonfiniteGuard, gradient_norms, response_logprobs, step_logs, step_normalizers
+from lit_opd.modules.micro_batches import scatter_rows, step_micro_batches, take_micro_batch
+from lit_opd.modules.step import NonfiniteGuard, compose, gradient_norms, response_logprobs, step_logs, step_normalizers
 from lit_opd.rollout.buffer import RolloutBuffer
 from lit_opd.rollout.engine import Generation, SamplingConfig
-from lit_opd.sharding import save_pretrained_full, shard_scorers
+from lit_opd.sharding import gradient_sync, save_pretrained_full, shard_scorers
 from lit_opd.verify import available_cpus
 
 
@@ -46,6 +49,10 @@ class DistillationModule(L.LightningModule):
         optim: AdamW and its warm-up (`OptimConfig`).
         gates: gate objects (class_path in YAML), composed by product; [] for none.
         reduction: token_mean (Σ g m ℓ / Σ m over the global batch) or sequence_mean.
+        micro_batch_tokens: the padded tokens of one forward and backward (0: a whole mini-batch
+            at once): each optimiser step's mini-batch is cut into micro-batches within it
+            (`micro_batches.cut_rows`); teacher scoring and behaviour log-probs use it too. The
+            objective does not depend on the cut, so a run may resume with another budget.
         chunk_size: positions per lm_head chunk (log-probs never hold [B, T, V] fp32 logits).
         gradient_checkpointing: recompute the student's layer activations in the backward.
         shard_teacher: under a sharding strategy (FSDP2 or FSDP1), shard the frozen teacher like
@@ -68,6 +75,7 @@ class DistillationModule(L.LightningModule):
         optim: OptimConfig = OptimConfig(),
         gates: list[Gate] | None = None,
         reduction: Reduction = "token_mean",
+        micro_batch_tokens: int = 0,
         chunk_size: int = 1024,
         gradient_checkpointing: bool = False,
         shard_teacher: bool = True,
@@ -80,6 +88,8 @@ class DistillationModule(L.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer or student, "tokenizer")
         check_same_vocabulary(self.tokenizer, load_tokenizer(teacher, "teacher"), student, teacher)
         self.rollout, self.optim, self.reduction, self.seed = rollout, optim, reduction, seed
+        self.micro_batch_tokens = micro_batch_tokens
+        self.automatic_optimization = False
         self.gates = list(gates or [])
         if not self.verdict_gates and any(gate.needs_verdicts for gate in self.gates):
             raise ValueError(f"model.gates: {type(self).__name__} takes no sign-consistency gate (it is defined for "
@@ -128,16 +138,9 @@ class DistillationModule(L.LightningModule):
         verdicts = any(gate.needs_verdicts for gate in self.gates)
         workers = max(1, available_cpus() // max(self.trainer.num_devices, 1))
         self.collector = RolloutCollector(self.rollout, self.tokenizer, self.teacher_top_k, verdicts, workers,
-                                          self.support_exclude)
+                                          self.support_exclude, self.micro_batch_tokens)
         if self.generator is None:
             self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.global_rank)
-        if stage == "fit":
-            steps = self.trainer.datamodule.schedule.num_minibatches if self.trainer.datamodule else 1
-            if steps % self.trainer.accumulate_grad_batches:
-                raise ValueError(
-                    f"data.num_minibatches={steps} must be a multiple of "
-                    f"trainer.accumulate_grad_batches={self.trainer.accumulate_grad_batches}"
-                )
 
     def teardown(self, stage: str) -> None:
         if self.collector is not None:
@@ -147,14 +150,14 @@ class DistillationModule(L.LightningModule):
         optimizer, scheduler = self.optim.build([p for p in self.policy.parameters() if p.requires_grad])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
-    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Under FSDP1, clipping by norm is the wrapped student's `clip_grad_norm_` (the norm of
-        all shards), which Lightning's FSDP precision plugin does not do; otherwise Lightning's."""
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm") and isinstance(
-                self.policy, FullyShardedDataParallel):
-            self.policy.clip_grad_norm_(gradient_clip_val)
+    def clip_student_gradients(self, optimizer) -> None:
+        """Clip by global norm (optim.gradient_clip_val): under FSDP1 the wrapped student's
+        `clip_grad_norm_` (the norm of all shards), which Lightning's FSDP precision plugin does
+        not do; otherwise Lightning's."""
+        if isinstance(self.policy, FullyShardedDataParallel):
+            self.policy.clip_grad_norm_(self.optim.gradient_clip_val)
         else:
-            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+            self.clip_gradients(optimizer, self.optim.gradient_clip_val, "norm")
 
     # ------------------------------------------------------------------------- rollouts
     def generate_responses(
@@ -167,7 +170,7 @@ class DistillationModule(L.LightningModule):
         """Collect the rollout batch `batch` opens into the buffer, with its loss denominators."""
         minibatches, stats = self.collector.collect(batch, self.global_step, self.policy, self.teacher, self.generator)
         normalizers = step_normalizers([mb["response_mask"] for mb in minibatches], self.reduction,
-                                       self.trainer.accumulate_grad_batches, self.trainer.world_size, self.device)
+                                       self.trainer.world_size, self.device)
         self.buffer = RolloutBuffer(batch["rollout_index"], minibatches, normalizers, stats)
 
     # ----------------------------------------------------------------------------- step
@@ -180,30 +183,88 @@ class DistillationModule(L.LightningModule):
         """The gates g_t [B, T] that multiply the position losses: every configured gate."""
         return [gate(mb, logp) for gate in self.gates]
 
-    def training_step(self, batch: dict, batch_idx: int):
+    @property
+    def gates_read_logp(self) -> bool:
+        return any(gate.reads_logp for gate in self.gates)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        """One optimiser step on mini-batch `minibatch_index` of the rollout batch (opened first if
+        this item starts it), a forward and backward per micro-batch; returns the step's loss."""
         self._step_started = time.perf_counter()
         if self.buffer is None or self.buffer.rollout_index != batch["rollout_index"]:
             check_opens_rollout(batch, self.buffer)
             self.fill_buffer(batch)
             self.log_dict(self.buffer.stats)
-        mb = {k: v.to(self.device) for k, v in self.buffer.minibatches[batch["minibatch_index"]].items()}
-        scores = self.student_scores(mb)
-        where = f"rollout batch {batch['rollout_index']}, mini-batch {batch['minibatch_index']}"
-        if bad := self.guard.nonfinite(response_logprobs(mb, scores), self.device):
-            self.guard.skip(f"non-finite {' and '.join(bad)} ({where})", self.global_step)
-            return scores["logp"].sum() * 0.0  # every rank runs the same backward; its gradients are discarded
-        gates = self.position_gates(mb, scores["logp"])
-        position_loss = self.per_token_loss(mb, scores)
-        loss = gated_reduce(position_loss, gates, mb["response_mask"], self.reduction,
-                            self.buffer.normalizers[batch["minibatch_index"]])
+        index = batch["minibatch_index"]
+        mb = {k: v.to(self.device) for k, v in self.buffer.minibatches[index].items()}
+        parts = step_micro_batches(mb, self.micro_batch_tokens, self.device)
+        record = {"logp": torch.zeros_like(mb["old_logp"]), "loss": torch.zeros_like(mb["old_logp"]),
+                  "gate": torch.ones_like(mb["old_logp"])}
+        bad, step_gates = [], None
+        if len(parts) > 1:  # gates normalise over the whole step: they need its current log-probs first
+            first_use = index == 0 and batch["reuse_index"] == 0
+            logp = mb["old_logp"] if first_use or not self.gates_read_logp else self.current_logprobs(mb, parts)
+            bad = self.guard.nonfinite({"student log-probs": logp[mb["response_mask"]]}, self.device)
+            step_gates = self.position_gates(mb, mb["old_logp"] if bad else logp)
+        for k, rows in enumerate(parts):
+            with gradient_sync(self.policy, k == len(parts) - 1):
+                bad += self.micro_step(take_micro_batch(mb, rows), rows, step_gates, index, record)
+        if bad:
+            where = f"rollout batch {batch['rollout_index']}, mini-batch {index}"
+            self.guard.skip(f"non-finite {' and '.join(dict.fromkeys(bad))} ({where})", self.global_step)
+        self.optimizer_step()
+        gates = [record["gate"]] if self.gates else []
+        self.log_step(mb, record["logp"], gates, record["loss"], batch["reuse_index"])
+        return gated_reduce(record["loss"], gates, mb["response_mask"], self.reduction, self.buffer.normalizers[index])
+
+    def micro_step(self, micro, rows, step_gates, index: int, record: dict[str, Tensor]) -> list[str]:
+        """Forward and backward of one micro-batch (rows `rows` of the mini-batch; None: an empty
+        one); its log-probs, position losses and gates go into `record`. Returns the names of the
+        non-finite values met (a collective: every rank calls it as often)."""
+        scores = self.student_scores(micro)
+        nothing = scores["logp"].sum() * 0.0  # a backward with the same collectives as any other
+        if bad := self.guard.nonfinite(response_logprobs(micro, scores), self.device):
+            self.manual_backward(nothing)
+            return bad
+        loss = nothing
+        if rows is not None:
+            width = micro["response_mask"].shape[1]
+            gates = self.position_gates(micro, scores["logp"]) if step_gates is None else [
+                g[rows.to(g.device), :width] for g in step_gates]
+            position_loss = self.per_token_loss(micro, scores)
+            loss = gated_reduce(position_loss, gates, micro["response_mask"], self.reduction,
+                                self.buffer.normalizers[index])
+            for key, value in (("logp", scores["logp"]), ("loss", position_loss), ("gate", compose(gates, position_loss))):
+                scatter_rows(record[key], rows, value.detach())
         if self.guard.nonfinite({"loss": loss}, self.device):
-            self.guard.skip(f"non-finite loss ({where})", self.global_step)
-            return scores["logp"].sum() * 0.0
-        self.log_step(mb, scores["logp"], gates, position_loss, batch["reuse_index"])
-        return loss
+            self.manual_backward(nothing)
+            return ["loss"]
+        self.manual_backward(loss)
+        return []
+
+    @torch.no_grad()
+    def current_logprobs(self, mb: dict[str, Tensor], parts: list[Tensor | None]) -> Tensor:
+        """[N, T] log π_θ of the mini-batch's sampled tokens, a no-grad forward per micro-batch."""
+        started, logp = time.perf_counter(), torch.zeros_like(mb["old_logp"])
+        for rows in parts:
+            scatter_rows(logp, rows, self.student_scores(take_micro_batch(mb, rows))["logp"])
+        self.log("perf/current_logp_s", time.perf_counter() - started)
+        return logp
+
+    def optimizer_step(self) -> None:
+        """The optimiser and LR-schedule step after the micro-batches, its gradients checked
+        (`NonfiniteGuard`) and clipped (optim.gradient_clip_val). A skipped step still steps."""
+        optimizer = self.optimizers()
+        checked = not self.guard.discard and getattr(self.trainer.precision_plugin, "scaler", None) is None
+        norms = gradient_norms(self.policy.parameters()) if checked else None
+        if self.guard.before_optimizer_step(optimizer, norms, self.global_step, self.device) and self.optim.gradient_clip_val:
+            self.clip_student_gradients(optimizer)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        self.lr_schedulers().step()
 
     def log_step(self, mb, logp: Tensor, gates: list[Tensor], position_loss: Tensor, reuse_index: int) -> None:
-        """This mini-batch's scalars (local means), the gates' own statistics and the gate histogram."""
+        """The step's scalars (local means), the gates' own statistics and the gate histogram."""
         scalars, gate_values = step_logs(mb, logp, gates, position_loss, self.reduction)
         scalars["train/reuse_index"] = float(reuse_index)
         for gate in self.gates:
@@ -212,12 +273,6 @@ class DistillationModule(L.LightningModule):
         experiment = getattr(self.logger, "experiment", None)
         if gates and hasattr(experiment, "add_histogram"):
             experiment.add_histogram("train/gate", gate_values.float().cpu(), self.global_step)
-
-    def on_before_optimizer_step(self, optimizer) -> None:
-        """Discard the gradients of a skipped step or of non-finite gradients (`NonfiniteGuard`)."""
-        checked = not self.guard.discard and getattr(self.trainer.precision_plugin, "scaler", None) is None
-        norms = gradient_norms(self.policy.parameters()) if checked else None
-        self.guard.before_optimizer_step(optimizer, norms, self.global_step, self.device)
 
     def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
         self.log("perf/student_s", time.perf_counter() - self._step_started)

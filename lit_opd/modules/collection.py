@@ -12,6 +12,7 @@ from torch import Tensor
 
 from lit_opd.data.templates import eos_token_ids
 from lit_opd.logprobs import CausalLMScorer
+from lit_opd.modules.micro_batches import scatter_rows, step_micro_batches, take_micro_batch
 from lit_opd.modules.settings import RolloutConfig
 from lit_opd.modules.teacher_sampling import PhasedTeacherSampling
 from lit_opd.rollout.buffer import split_rows
@@ -26,13 +27,15 @@ class RolloutCollector:
     teacher_top_k: the support size the teacher's scoring returns (0: none); support_exclude:
     token ids never in that support. verdicts: whether every row gets a verifier verdict
     `correct` (also on with rollout.verify or rollout.teacher_phases). verify_workers: verifier
-    processes (started on first use).
+    processes (started on first use). micro_batch_tokens: scoring forwards within this padded
+    token budget (`micro_batches.cut_rows`; 0: rollout.score_batch_size rows at a time).
     """
 
     def __init__(self, rollout: RolloutConfig, tokenizer, teacher_top_k: int, verdicts: bool, verify_workers: int,
-                 support_exclude: list[int] = ()):
+                 support_exclude: list[int] = (), micro_batch_tokens: int = 0):
         self.rollout, self.tokenizer, self.teacher_top_k = rollout, tokenizer, teacher_top_k
         self.support_exclude = torch.tensor(sorted(support_exclude), dtype=torch.long)
+        self.micro_batch_tokens = micro_batch_tokens
         self.eos_ids = eos_token_ids(tokenizer)
         self.engine = build_engine(rollout.engine)
         self.phases = PhasedTeacherSampling(rollout.teacher_phases) if rollout.teacher_phases else None
@@ -75,14 +78,32 @@ class RolloutCollector:
     def score(self, scorer: CausalLMScorer, rows: dict[str, Tensor], top_k: int = 0) -> dict[str, Tensor]:
         """No-grad log-probs of the response tokens of `rows` (and the top-K outside
         support_exclude), in chunks of score_batch_size rows."""
+        exclude = self.support_exclude if top_k and len(self.support_exclude) else None
+        if self.micro_batch_tokens > 0:
+            return self.score_micro_batches(scorer, rows, top_k, exclude)
         T = rows["response_ids"].shape[1]
         size = self.rollout.score_batch_size
-        exclude = self.support_exclude if top_k and len(self.support_exclude) else None
         parts = [
             scorer(rows["input_ids"][i : i + size], rows["attention_mask"][i : i + size], T, top_k=top_k, exclude=exclude)
             for i in range(0, rows["input_ids"].shape[0], size)
         ]
         return {key: torch.cat([p[key] for p in parts]) for key in parts[0]}
+
+    def score_micro_batches(self, scorer, rows: dict[str, Tensor], top_k: int, exclude) -> dict[str, Tensor]:
+        """`score` in micro-batches of micro_batch_tokens padded tokens (the same count on every rank)."""
+        N, T = rows["response_ids"].shape
+        device = rows["response_ids"].device
+        out = {"logp": torch.zeros(N, T, device=device)}
+        if top_k:
+            out["topk_logp"] = torch.zeros(N, T, top_k, device=device)
+            out["topk_ids"] = torch.zeros(N, T, top_k, dtype=torch.long, device=device)
+        for part in step_micro_batches(rows, self.micro_batch_tokens, device):
+            micro = take_micro_batch(rows, part)
+            scores = scorer(micro["input_ids"], micro["attention_mask"], micro["response_ids"].shape[1], top_k=top_k,
+                            exclude=exclude)
+            for key, value in scores.items():
+                scatter_rows(out[key], part, value)
+        return out
 
     def rollout_rows(self, batch: dict, policy: CausalLMScorer, generator: torch.Generator):
         """`num_samples` student responses per prompt of `batch`, laid out as rows: (rows,

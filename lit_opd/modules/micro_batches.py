@@ -65,3 +65,31 @@ def take_rows(mb: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
 def padded_tokens(mb: dict[str, Tensor]) -> int:
     """The padded token count of a (micro-)batch: rows × columns of its input_ids."""
     return mb["input_ids"].numel()
+
+
+def step_micro_batches(mb: dict[str, Tensor], budget: int, device: torch.device) -> list[Tensor | None]:
+    """`cut_rows` of a mini-batch, padded with None (an empty micro-batch) to the most micro-batches
+    any rank has: every rank must run as many forwards and backwards (their collectives) as the others."""
+    parts = cut_rows(*prompt_response_lengths(mb), budget)
+    count = torch.tensor(len(parts), device=device)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MAX)
+    return parts + [None] * (int(count) - len(parts))
+
+
+def take_micro_batch(mb: dict[str, Tensor], rows: Tensor | None) -> dict[str, Tensor]:
+    """`take_rows(mb, rows)` (the mini-batch itself for all of its rows in order); for None (an
+    empty micro-batch) the first row with no response token counting, so that the forward runs
+    (and its collectives) but contributes nothing."""
+    if rows is not None:
+        whole = len(rows) == len(mb["response_ids"]) and bool((rows == torch.arange(len(rows))).all())
+        return mb if whole else take_rows(mb, rows)
+    empty = take_rows(mb, torch.zeros(1, dtype=torch.long))
+    empty["response_mask"] = torch.zeros_like(empty["response_mask"])
+    return empty
+
+
+def scatter_rows(full: Tensor, rows: Tensor | None, part: Tensor) -> None:
+    """full[rows, :T'] = part ([len(rows), T', ...]); nothing for an empty micro-batch."""
+    if rows is not None:
+        full[rows.to(full.device), : part.shape[1]] = part.to(full.dtype)

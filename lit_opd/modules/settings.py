@@ -48,12 +48,15 @@ class RolloutConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up to a constant learning rate."""
+    """AdamW with linear warm-up to a constant learning rate; gradient_clip_val: clip the
+    gradients' global norm before each optimiser step (None: no clipping). lit_opd optimises
+    manually (micro-batches by token budget), so clipping is set here, not on the trainer."""
 
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
+    gradient_clip_val: float | None = None
 
     def build(self, params) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
         """(AdamW over `params`, its per-step schedule: lr·min(1, (step + 1) / (warmup_steps + 1)))."""

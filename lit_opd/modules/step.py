@@ -23,20 +23,15 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
-def step_normalizers(
-    masks: list[Tensor], reduction: Reduction, accumulate: int, world_size: int, device: torch.device
-) -> list[float]:
-    """Per mini-batch (response masks [N_i, T_i]): the global count (tokens or sequences) of its
-    optimiser step — `accumulate` consecutive mini-batches on every rank — divided by accumulate
-    × world size, so that Lightning's 1/accumulate scaling and the ranks' gradient averaging give
-    Σ g m ℓ / (global count) exactly."""
+def step_normalizers(masks: list[Tensor], reduction: Reduction, world_size: int, device: torch.device) -> list[float]:
+    """Per mini-batch (response masks [N_i, T_i]; one mini-batch is one optimiser step): the global
+    count (tokens or sequences) of its step on all ranks divided by the world size, so that the
+    ranks' gradient averaging gives Σ g m ℓ / (global count) exactly, however the step is cut."""
     if reduction == "token_mean":
         counts = torch.stack([m.sum() for m in masks]).double()
     else:
         counts = torch.stack([(m.sum(dim=1) > 0).sum() for m in masks]).double()
-    counts = all_reduce_sum(counts, device)
-    windows = counts.view(-1, accumulate).sum(dim=1).repeat_interleave(accumulate)
-    return (windows / (accumulate * world_size)).tolist()
+    return (all_reduce_sum(counts, device) / world_size).tolist()
 
 
 def response_logprobs(mb: dict[str, Tensor], scores: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -93,23 +88,33 @@ class NonfiniteGuard:
                 f"(model.max_nonfinite_steps={self.max_in_a_row}): stopping the run"
             )
 
-    def before_optimizer_step(self, optimizer, gradient_norms: Tensor | None, step: int, device) -> None:
+    def before_optimizer_step(self, optimizer, gradient_norms: Tensor | None, step: int, device) -> bool:
         """Discard the gradients of a skipped step or of non-finite `gradient_norms` (all ranks
-        agree; None: not checked, e.g. under fp16's GradScaler, which skips such steps itself)."""
+        agree; None: not checked, e.g. under fp16's GradScaler, which skips such steps itself).
+        Returns whether the gradients stand (False: discarded)."""
         if not self.discard and gradient_norms is not None:
             if self.nonfinite({"gradients": gradient_norms}, device):
                 self.skip(f"non-finite gradients at optimiser step {step}", step)
         if self.discard:
             optimizer.zero_grad(set_to_none=True)
             self.discard = False
-        else:
-            self.in_a_row = 0
+            return False
+        self.in_a_row = 0
+        return True
 
     def state_dict(self) -> dict[str, int]:
         return {"nonfinite_skipped": self.skipped, "nonfinite_in_a_row": self.in_a_row}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped, self.in_a_row = state["nonfinite_skipped"], state["nonfinite_in_a_row"]
+
+
+def compose(gates: list[Tensor], like: Tensor) -> Tensor:
+    """Π gates ([B, T] each; ones like `like` for none)."""
+    gate = torch.ones_like(like)
+    for g in gates:
+        gate = gate * g
+    return gate
 
 
 def step_logs(
@@ -119,9 +124,7 @@ def step_logs(
     valid positions)."""
     mask = mb["response_mask"]
     logp = logp.detach()
-    gate = torch.ones_like(logp)
-    for g in gates:
-        gate = gate * g
+    gate = compose(gates, logp)
     valid = gate[mask]
     scalars = {
         "train/loss": gated_reduce(position_loss.detach(), gates, mask, reduction),
