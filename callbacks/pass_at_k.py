@@ -46,7 +46,8 @@ class PassAtKEvaluation(L.Callback):
         temperature, top_p, max_new_tokens: sampling (the papers' pass@8: 0.6, 0.95).
         max_problems: evaluate only the first problems of each benchmark (quick runs).
         batch_size: responses generated per call.
-        chat: chat template (True) or plain "Solution:" template (False); None: the module's.
+        chat: chat template (True) or plain "Solution:" template (False); None: the module's
+            (its DataModule's; the chat template's enable_thinking is always the DataModule's).
         instruction: appended to each problem; the benchmarks carry none.
         verify_timeout: seconds per answer check; verify_workers: verifier processes per rank
             (None: this machine's CPUs divided by the devices on it).
@@ -169,9 +170,9 @@ class PassAtKEvaluation(L.Callback):
     def _evaluate_shards(self, trainer, pl_module) -> dict[str, list[tuple[int, ProblemResult]]]:
         """{set: [(problem index, result)]} for this rank's shard of every benchmark."""
         rank, world = trainer.global_rank, trainer.world_size
-        template = PromptTemplate(
-            chat=pl_module.prompt_template.chat if self.chat is None else self.chat, instruction=self.instruction
-        )
+        trained = pl_module.prompt_template
+        template = PromptTemplate(chat=trained.chat if self.chat is None else self.chat, instruction=self.instruction,
+                                  enable_thinking=trained.enable_thinking)
         seed = getattr(pl_module, "seed", 0) if self.seed is None else self.seed
         generator = torch.Generator().manual_seed(seed * 1_000_003 + rank)
         shards = {}

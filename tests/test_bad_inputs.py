@@ -48,7 +48,7 @@ def workspace(tiny_checkpoints, tmp_path_factory):
                           "dtype": "float32", "rollout": {"num_samples": 2, "max_new_tokens": 4}},
         },
         "data": {"tokenizer": tiny_checkpoints["student"], "train_data": str(train), "prompt_field": "problem",
-                 "answer_field": "answer", "instruction": "",
+                 "answer_field": "answer", "problem_format": "as_is", "instruction": "",
                  "max_prompt_length": 64, "prompts_per_rollout": 2, "reuse": 1},
     }
     fit_config = root / "fit.yaml"

@@ -74,7 +74,7 @@ def sg_opd_config(checkpoints, inputs, runs: Path) -> dict:
         },
         "data": {
             "tokenizer": checkpoints["student"], "train_data": str(inputs / "train.jsonl"),
-            "prompt_field": "problem", "answer_field": "answer", "instruction": "", "max_prompt_length": 64,
+            "prompt_field": "problem", "answer_field": "answer", "problem_format": "as_is", "instruction": "", "max_prompt_length": 64,
             "prompts_per_rollout": 2, "reuse": 2, "num_minibatches": 2,
         },
     }

@@ -6,14 +6,16 @@ rollout batch, each naming which mini-batch of which rollout the training step w
 module generates the rollouts when an item opens a new rollout batch.
 """
 
+from typing import Literal
+
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, IterableDataset
 from transformers import AutoTokenizer
 
 from lit_opd.data.records import field, load_records
-from lit_opd.data.templates import MATH_INSTRUCTION, PromptTemplate
+from lit_opd.data.templates import MATH_INSTRUCTION, PromptTemplate, dapo_problem
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -113,8 +115,16 @@ class PromptDataModule(L.LightningDataModule):
         train_data: a .jsonl / .json / .parquet file or an HF dataset id.
         prompt_field / answer_field: the row fields (dotted names reach nested fields, e.g.
             "reward_model.ground_truth"; a list of chat messages gives its last user turn).
+        problem_format: "as_is": the prompt field is the problem; "dapo": it is DAPO-Math-17k's
+            "Answer: $Answer" prompt, whose problem is taken out (a row that is not one is an
+            error naming its line) so that it gets `instruction`, the \\boxed{} instruction the
+            evaluation uses: the verifier's verdicts in training and the scores mean the same.
         chat_template: render prompts with the tokenizer's chat template (False: a plain template).
         instruction: appended to each problem ("" for none, e.g. when the rows carry their own).
+        enable_thinking: passed to the chat template (Qwen3: whether the response opens with a
+            thinking block; None: the template's default); evaluation uses the same.
+        Rows repeating an earlier row's problem are dropped before tokenising, and counted
+        (DAPO-Math-17k on the hub holds each of its ~17.9k prompts about 100 times).
         max_prompt_length: longer prompts are dropped and counted (a warning says how many).
         prompts_per_rollout: prompts per rollout batch on each rank (× num_samples responses).
         reuse: optimiser epochs over each rollout batch; num_minibatches: mini-batches per epoch.
@@ -127,8 +137,10 @@ class PromptDataModule(L.LightningDataModule):
         split: str = "train",
         prompt_field: str = "problem",
         answer_field: str = "answer",
+        problem_format: Literal["as_is", "dapo"] = "as_is",
         chat_template: bool = True,
         instruction: str = MATH_INSTRUCTION,
+        enable_thinking: bool | None = None,
         max_prompt_length: int = 512,
         max_prompts: int | None = None,
         prompts_per_rollout: int = 32,
@@ -143,9 +155,9 @@ class PromptDataModule(L.LightningDataModule):
             if value < 1:
                 raise ValueError(f"data.{name} must be ≥ 1, got {value}")
         self.save_hyperparameters()
-        self.template = PromptTemplate(chat=chat_template, instruction=instruction)
+        self.template = PromptTemplate(chat=chat_template, instruction=instruction, enable_thinking=enable_thinking)
         self.schedule: RolloutSchedule | None = None
-        self.num_filtered = 0
+        self.num_filtered = self.num_duplicates = 0
 
     def setup(self, stage: str) -> None:
         if stage != "fit" or self.schedule is not None:
@@ -155,12 +167,11 @@ class PromptDataModule(L.LightningDataModule):
             raise ValueError("data.train_data is required for fit (a .jsonl/.json/.parquet file or an HF dataset id)")
         tokenizer = AutoTokenizer.from_pretrained(hp.tokenizer)
         rows = load_records(hp.train_data, hp.split)
+        problems = self.unique_problems(rows)
         if hp.max_prompts is not None:
-            rows = rows[: hp.max_prompts]
+            problems = problems[: hp.max_prompts]
         prompts, answers = [], []
-        for row in rows:
-            problem = field(row, hp.prompt_field, hp.train_data)
-            answer = field(row, hp.answer_field, hp.train_data)
+        for problem, answer in problems:
             ids = tokenizer(self.template.render(tokenizer, problem), add_special_tokens=False)["input_ids"]
             if len(ids) > hp.max_prompt_length:
                 self.num_filtered += 1
@@ -169,7 +180,7 @@ class PromptDataModule(L.LightningDataModule):
             answers.append(answer)
         if self.num_filtered:
             rank_zero_warn(
-                f"{hp.train_data}: dropped {self.num_filtered} of {len(rows)} prompts longer than "
+                f"{hp.train_data}: dropped {self.num_filtered} of {len(problems)} prompts longer than "
                 f"data.max_prompt_length={hp.max_prompt_length} tokens"
             )
         _, world = _world()
@@ -182,6 +193,25 @@ class PromptDataModule(L.LightningDataModule):
             prompts, answers, hp.prompts_per_rollout, hp.reuse, hp.num_minibatches, hp.shuffle, hp.seed,
             tokenizer.pad_token_id,
         )
+
+    def unique_problems(self, rows: list[dict]) -> list[tuple[str, str]]:
+        """(problem, answer) of each row whose problem no earlier row had, in `problem_format`;
+        the duplicates are counted (`num_duplicates`) and logged."""
+        hp, seen, problems = self.hparams, set(), []
+        for row in rows:
+            text = field(row, hp.prompt_field, hp.train_data)
+            problem = text if hp.problem_format == "as_is" else dapo_problem(text)
+            if problem is None:
+                raise ValueError(f"{hp.train_data}:{row.get('_line', '?')}: field {hp.prompt_field!r} is not a "
+                                 f"DAPO-Math prompt (data.problem_format=dapo): {text[:80]!r}")
+            if problem not in seen:
+                seen.add(problem)
+                problems.append((problem, field(row, hp.answer_field, hp.train_data)))
+        self.num_duplicates = len(rows) - len(problems)
+        if self.num_duplicates:
+            rank_zero_info(f"{hp.train_data}: {len(problems)} distinct problems; dropped {self.num_duplicates} "
+                           f"rows that repeat one")
+        return problems
 
     def train_dataloader(self) -> DataLoader:
         self.schedule.start = self.micro_steps_done()

@@ -1,21 +1,37 @@
 """How a math problem becomes a prompt string, and which tokens end a response."""
 
+import re
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
 
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
 END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>")
+# DAPO-Math-17k's prompt around each problem, asking for an "Answer: ..." last line.
+DAPO_PROMPT = re.compile(
+    r"\ASolve the following math problem step by step\. The last line of your response should be of the form "
+    r"Answer: \$Answer \(without quotes\) where \$Answer is the answer to the problem\.\n\n(?P<problem>.*)"
+    r"\n\nRemember to put your answer on its own line after \"Answer:\"\.?\s*\Z",
+    re.DOTALL,
+)
+
+
+def dapo_problem(prompt: str) -> str | None:
+    """The problem inside a DAPO-Math-17k prompt (None if `prompt` is not one)."""
+    match = DAPO_PROMPT.match(prompt)
+    return match["problem"].strip() if match else None
 
 
 @dataclass(frozen=True)
 class PromptTemplate:
     """chat=True: the tokenizer's chat template with one user turn "{problem}\\n{instruction}"
     and the assistant turn opened. chat=False: a plain template for base models,
-    "{problem}\\n{instruction}\\n\\nSolution:"."""
+    "{problem}\\n{instruction}\\n\\nSolution:". enable_thinking: passed to the chat template
+    (Qwen3's switch for its thinking block; None: the template's default)."""
 
     chat: bool = True
     instruction: str = MATH_INSTRUCTION
+    enable_thinking: bool | None = None
 
     def render(self, tokenizer: PreTrainedTokenizerBase, problem: str) -> str:
         content = f"{problem}\n{self.instruction}" if self.instruction else problem
@@ -27,7 +43,8 @@ class PromptTemplate:
                 "(plain template for base models) or use a tokenizer with one"
             )
         messages = [{"role": "user", "content": content}]
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        switches = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **switches)
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
