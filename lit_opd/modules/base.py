@@ -42,7 +42,8 @@ class DistillationModule(L.LightningModule):
     defined for variants with `verdict_gates` only; `position_gates` gives the gates that multiply.
 
     Args:
-        student / teacher: HF causal LM paths or hub ids; they must share a vocabulary.
+        student: the student, an HF causal LM path or hub id.
+        teacher: the teacher, an HF causal LM path or hub id sharing the student's vocabulary.
         tokenizer: the tokenizer path (default: the student's); linked from data.tokenizer.
         dtype: the weights' dtype (under bf16-mixed, keep float32 master weights).
         rollout: how rollout batches are collected (`RolloutConfig`).

@@ -17,7 +17,8 @@ class SampledTokenOPD(DistillationModule):
     (`losses.bounded_sampled_token_opd`).
 
     Args:
-        clip_eps_low / clip_eps_high: the PPO clip range of the importance ratio (None: no clip).
+        clip_eps_low: ε_lo of the PPO clip range [1 − ε_lo, 1 + ε_hi] of ρ (None: no clip; set both).
+        clip_eps_high: ε_hi of that range.
         teacher_advantage_clip: c, teacher rows' A clipped to [−c, c] (None: teacher rows unbounded).
         teacher_ratio_clip: ε, teacher rows' ρ truncated to [1 − ε, 1 + ε].
         **kwargs: the shared arguments of `DistillationModule` (student, teacher, rollout, gates, ...).
