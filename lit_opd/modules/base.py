@@ -215,7 +215,8 @@ class DistillationModule(L.LightningModule):
             self.guard.skip(f"non-finite {' and '.join(dict.fromkeys(bad))} ({where})", self.global_step)
         self.optimizer_step()
         gates = [record["gate"]] if self.gates else []
-        self.log_step(mb, record["logp"], gates, record["loss"], batch["reuse_index"])
+        if not bad:  # a skipped step's values are not the step's
+            self.log_step(mb, record["logp"], gates, record["loss"], batch["reuse_index"])
         return gated_reduce(record["loss"], gates, mb["response_mask"], self.reduction, self.buffer.normalizers[index])
 
     def micro_step(self, micro, rows, step_gates, index: int, record: dict[str, Tensor]) -> list[str]:
@@ -248,7 +249,9 @@ class DistillationModule(L.LightningModule):
         """[N, T] log π_θ of the mini-batch's sampled tokens, a no-grad forward per micro-batch."""
         started, logp = time.perf_counter(), torch.zeros_like(mb["old_logp"])
         for rows in parts:
-            scatter_rows(logp, rows, self.student_scores(take_micro_batch(mb, rows))["logp"])
+            micro = take_micro_batch(mb, rows)
+            scatter_rows(logp, rows, self.policy(micro["input_ids"], micro["attention_mask"],
+                                                 micro["response_ids"].shape[1])["logp"])
         self.log("perf/current_logp_s", time.perf_counter() - started)
         return logp
 
