@@ -3,6 +3,8 @@
     lit-opd fit --config opd_block64            train a variant (LightningCLI; --help for every key)
     lit-opd validate|test --config eval.yaml     pass@k of a checkpoint or a plain HF model
     lit-opd report RUN [RUN ...] --output DIR    markdown table and plot of pass@k over runs
+    lit-opd report --sweep DIR --output OUT      the table and plots over a sweep's variants × seeds
+    lit-opd sweep GRID.yaml                      a grid of variants × seeds, run after run, resumable
     lit-opd quickstart                           the offline end-to-end demo on a CPU
 """
 
@@ -10,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import NamedTuple
 
-from lit_opd import quickstart, report
+from lit_opd import quickstart, report, sweep
 from lit_opd.configs import shipped_configs
 from lit_opd.lightning_cli import run_lightning
 
@@ -25,7 +27,8 @@ SUBCOMMANDS = {
     "fit": Subcommand(run_lightning, "train a variant from configs (LightningCLI)", lightning=True),
     "validate": Subcommand(run_lightning, "pass@k of a checkpoint or a plain HF model", lightning=True),
     "test": Subcommand(run_lightning, "the same as validate, logged as test", lightning=True),
-    "report": Subcommand(report.main, "markdown table and plot of pass@k for runs"),
+    "report": Subcommand(report.main, "markdown table and plot of pass@k for runs, or over a sweep"),
+    "sweep": Subcommand(sweep.main, "a grid of variants × seeds from one YAML, run after run, resumable"),
     "quickstart": Subcommand(quickstart.main, "the offline end-to-end demo: data, SFT, OPD, pass@k on a CPU"),
 }
 

@@ -158,12 +158,21 @@ def _plot(runs: dict[str, Scores], benchmarks: list[str], ks: list[int], path: P
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="lit-opd report",
-        description="Markdown table and PNG plot of pass@k per benchmark for one or more runs.",
+        description="Markdown table and PNG plot of pass@k per benchmark for runs, or over a sweep (--sweep).",
     )
-    parser.add_argument("runs", nargs="+", help="run directories (e.g. runs/opd_block64/version_0)")
-    parser.add_argument("--output", required=True, help="directory for report.md and pass_at_k.png")
+    parser.add_argument("runs", nargs="*", help="run directories (e.g. runs/opd_block64/version_0)")
+    parser.add_argument("--output", required=True, help="directory for report.md and the PNGs")
     parser.add_argument("--names", nargs="+", help="a label per run (default: the directory names)")
+    parser.add_argument("--sweep", help="a `lit-opd sweep` output directory: the table over variants × seeds")
+    parser.add_argument("--baseline", default="opd", help="the sweep's variant the others are compared with")
     args = parser.parse_args(argv)
-    markdown_path, png_path = report(args.runs, args.output, args.names)
-    print(markdown_path.read_text(encoding="utf-8"))
-    print(f"wrote {markdown_path} and {png_path}")
+    if bool(args.runs) == bool(args.sweep):
+        parser.error("give run directories or --sweep DIR, not both")
+    if args.sweep:
+        from lit_opd.sweep_report import sweep_report
+
+        paths = sweep_report(args.sweep, args.output, args.baseline)
+    else:
+        paths = report(args.runs, args.output, args.names)
+    print(paths[0].read_text(encoding="utf-8"))
+    print(f"wrote {', '.join(str(path) for path in paths)}")

@@ -1,0 +1,153 @@
+"""`lit-opd report --sweep DIR`: the papers' table and plots over a sweep (`lit-opd sweep`).
+
+For each variant (DIR/<variant>/seed<s>/): pass@k per benchmark and their mean at the last
+evaluated step, mean ± std over seeds, and the difference from the baseline variant with a 95%
+bootstrap interval that resamples seeds and problems, paired by seed and problem. PNGs:
+eval/mean/pass@<k> against step with a band over seeds, and the gate statistics per variant.
+"""
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+GATE_TAGS = ("train/gate_mean", "train/gate_min", "train/gate_max", "train/drift_abs_mean")
+# {variant: {seed: {step: {benchmark: {problem index: {"pass@k": value}}}}}}
+Problems = dict[str, dict[int, dict[int, dict[str, dict[int, dict[str, float]]]]]]
+
+
+def read_sweep(sweep_dir: Path) -> Problems:
+    """Every run's per-problem evaluation rows (its fit_step*.jsonl files)."""
+    problems: Problems = defaultdict(lambda: defaultdict(lambda: defaultdict(lambda: defaultdict(dict))))
+    for path in sorted(sweep_dir.glob("*/seed*/**/fit_step*.jsonl")):
+        variant, seed = path.relative_to(sweep_dir).parts[:2]
+        for line_number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                row = json.loads(line)
+                scores = {key: float(value) for key, value in row.items() if key.startswith("pass@")}
+                problems[variant][int(seed.removeprefix("seed"))][int(row["step"])][row["benchmark"]][row["index"]] = scores
+            except (json.JSONDecodeError, KeyError, ValueError) as error:
+                raise ValueError(f"{path}:{line_number}: not an evaluation row ({error!r})") from None
+    if not problems:
+        raise ValueError(f"{sweep_dir}: no runs with evaluation files (<variant>/seed<s>/.../fit_step*.jsonl)")
+    return problems
+
+
+def final_matrix(runs: dict[int, dict], k: str) -> dict[str, np.ndarray]:
+    """{benchmark: [seeds, problems] pass@k at each seed's last evaluated step}, seeds sorted."""
+    finals = {seed: steps[max(steps)] for seed, steps in sorted(runs.items())}
+    benchmarks = sorted(next(iter(finals.values())))
+    return {b: np.array([[final[b][i][k] for i in sorted(final[b])] for final in finals.values()]) for b in benchmarks}
+
+
+def mean_over_benchmarks(matrices: dict[str, np.ndarray], seeds: np.ndarray, rows: dict[str, np.ndarray]) -> float:
+    return float(np.mean([m[np.ix_(seeds, rows[b])].mean() for b, m in matrices.items()]))
+
+
+def paired_bootstrap(variant: dict[str, np.ndarray], baseline: dict[str, np.ndarray], resamples: int = 1000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """(mean difference, 2.5%, 97.5%) of the mean over benchmarks of pass@k, variant − baseline,
+    resampling seeds and each benchmark's problems with replacement, the same draws for both."""
+    rng = np.random.default_rng(seed)
+    difference = {b: variant[b] - baseline[b] for b in baseline}
+    seeds = next(iter(difference.values())).shape[0]
+    all_rows = {b: np.arange(m.shape[1]) for b, m in difference.items()}
+    estimate = mean_over_benchmarks(difference, np.arange(seeds), all_rows)
+    draws = [mean_over_benchmarks(difference, rng.integers(0, seeds, seeds),
+                                  {b: rng.integers(0, len(r), len(r)) for b, r in all_rows.items()})
+             for _ in range(resamples)]
+    return estimate, float(np.percentile(draws, 2.5)), float(np.percentile(draws, 97.5))
+
+
+def sweep_table(problems: Problems, baseline: str, ks: list[str]) -> str:
+    """The markdown table: per variant and k, each benchmark's and the mean's mean ± std over seeds,
+    and Δ from the baseline [95% CI]."""
+    if baseline not in problems:
+        raise ValueError(f"--baseline {baseline!r} is not a variant of the sweep ({', '.join(sorted(problems))})")
+    lines = []
+    for k in ks:
+        base = final_matrix(problems[baseline], k)
+        benchmarks = list(base)
+        lines += [f"### {k} (mean ± std over seeds; Δ vs {baseline}, 95% bootstrap CI over seeds × problems)", "",
+                  "| variant | seeds | " + " | ".join(benchmarks) + f" | mean | Δ {k} |",
+                  "|---" * (len(benchmarks) + 4) + "|"]
+        for variant, runs in problems.items():
+            matrix = final_matrix(runs, k)
+            per_seed = {b: m.mean(axis=1) for b, m in matrix.items()}
+            per_seed["mean"] = np.mean([per_seed[b] for b in benchmarks], axis=0)
+            cells = [f"{per_seed[b].mean():.3f} ± {per_seed[b].std(ddof=1) if len(per_seed[b]) > 1 else 0:.3f}"
+                     for b in [*benchmarks, "mean"]]
+            if variant == baseline:
+                delta = "–"
+            else:
+                estimate, low, high = paired_bootstrap(matrix, base)
+                delta = f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]"
+            lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + f" | {delta} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def gate_statistics(sweep_dir: Path) -> dict[str, dict[str, dict[int, list[float]]]]:
+    """{variant: {tag: {step: [value per seed]}}} of GATE_TAGS from the runs' event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    stats = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for path in sorted(sweep_dir.glob("*/seed*/**/events.out.tfevents.*")):
+        events = EventAccumulator(str(path), size_guidance={"scalars": 0})
+        events.Reload()
+        variant = path.relative_to(sweep_dir).parts[0]
+        for tag in set(GATE_TAGS) & set(events.Tags()["scalars"]):
+            for event in events.Scalars(tag):
+                stats[variant][tag][event.step].append(event.value)
+    return stats
+
+
+def plot_sweep(problems: Problems, sweep_dir: Path, k: str, output: Path) -> list[Path]:
+    """eval/mean/<k> against step with a min–max band over seeds, and the gate statistics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for variant, runs in problems.items():
+        steps = sorted(set.intersection(*(set(steps) for steps in runs.values())))
+        curves = np.array([[np.mean([np.mean([scores[k] for scores in per_set.values()])
+                                     for per_set in runs[seed][step].values()]) for step in steps] for seed in runs])
+        axis.plot(steps, curves.mean(axis=0), label=variant)
+        axis.fill_between(steps, curves.min(axis=0), curves.max(axis=0), alpha=0.2)
+    axis.set(xlabel="optimiser step", ylabel=f"eval/mean/{k}", title=f"mean {k} over benchmarks (band: seeds)")
+    axis.legend(fontsize="small")
+    figure.tight_layout()
+    curve_path = output / f"sweep_{k.replace('@', '_at_')}.png"
+    figure.savefig(curve_path, dpi=120)
+    plt.close(figure)
+    stats = gate_statistics(sweep_dir)
+    figure, axes = plt.subplots(1, len(GATE_TAGS), figsize=(4 * len(GATE_TAGS), 3.5), squeeze=False)
+    for axis, tag in zip(axes[0], GATE_TAGS):
+        for variant, tags in stats.items():
+            if tag in tags:
+                steps = sorted(tags[tag])
+                axis.plot(steps, [np.mean(tags[tag][s]) for s in steps], label=variant)
+        axis.set(title=tag, xlabel="optimiser step")
+    axes[0][0].legend(fontsize="x-small")
+    figure.tight_layout()
+    gate_path = output / "sweep_gates.png"
+    figure.savefig(gate_path, dpi=120)
+    plt.close(figure)
+    return [curve_path, gate_path]
+
+
+def sweep_report(sweep_dir: str, output_dir: str, baseline: str) -> list[Path]:
+    """Write report.md and the PNGs of the sweep in `sweep_dir` into `output_dir`."""
+    problems = read_sweep(Path(sweep_dir))
+    ks = sorted({key for runs in problems.values() for steps in runs.values() for step in steps.values()
+                 for per_set in step.values() for scores in per_set.values() for key in scores},
+                key=lambda key: int(key.split("@")[1]))
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    markdown = output / "report.md"
+    markdown.write_text(f"# Sweep {sweep_dir}\n\n" + sweep_table(problems, baseline, ks), encoding="utf-8")
+    return [markdown, *plot_sweep(problems, Path(sweep_dir), ks[-1], output)]
