@@ -101,23 +101,6 @@ def normalize_gate(
     return gate.masked_fill(~mask, 0.0)
 
 
-def raw_drift_gate(
-    logp: Tensor,
-    old_logp: Tensor,
-    mask: Tensor,
-    unit: Unit = "block",
-    block_size: int = 64,
-    span_ends: Tensor | None = None,
-    agg: Aggregation = "mean_abs",
-    sharpness: float = 1.0,
-) -> Tensor:
-    """r_t = exp(−λ·D_u(t)), D_u the aggregated drift d = sg(logp − old_logp) over t's unit.
-    [B, T], detached, not normalised, 0 off the mask (it underflows to 0 once λ·D > ~87 in
-    float32: the gates normalise `drift_log_gate` in log space instead)."""
-    log_raw = drift_log_gate(logp, old_logp, mask, unit, block_size, span_ends, agg, sharpness)
-    return torch.exp(log_raw).masked_fill(~mask, 0.0)
-
-
 def drift_log_gate(
     logp: Tensor,
     old_logp: Tensor,
@@ -128,7 +111,9 @@ def drift_log_gate(
     agg: Aggregation = "mean_abs",
     sharpness: float = 1.0,
 ) -> Tensor:
-    """log r_t = −λ·D_u(t) (see `raw_drift_gate`): [B, T], detached, 0 off the mask."""
+    """log r_t = −λ·D_u(t), D_u the aggregated drift d = sg(logp − old_logp) over t's unit: [B, T],
+    detached, 0 off the mask. The gates normalise in log space (`shifted_raw_gate`): r = exp(−λ·D)
+    itself underflows to 0 for every unit once λ·D > ~87 in float32."""
     check_mask(mask)
     check_same_shape("mask", mask.shape, logp=logp, old_logp=old_logp)
     check_finite(mask, logp=logp, old_logp=old_logp)
