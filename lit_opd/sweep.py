@@ -112,7 +112,7 @@ def run_grid(grid: Grid) -> list[Run]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="lit-opd sweep", description=__doc__.split("\n\n")[0])
-    parser.add_argument("grid", help="the grid YAML (a path, or a shipped config name such as sweeps/cpu_grid)")
+    parser.add_argument("grid", help="the grid YAML (a path, or a shipped name such as sweeps/paper_grid)")
     parser.add_argument("--dry-run", action="store_true", help="print each run's command and whether it is done")
     args = parser.parse_args(argv)
     from lit_opd.configs import config_file
