@@ -92,17 +92,14 @@ class RolloutCollector:
     def score_micro_batches(self, scorer, rows: dict[str, Tensor], top_k: int, exclude) -> dict[str, Tensor]:
         """`score` in micro-batches of micro_batch_tokens padded tokens (the same count on every rank)."""
         N, T = rows["response_ids"].shape
-        device = rows["response_ids"].device
-        out = {"logp": torch.zeros(N, T, device=device)}
-        if top_k:
-            out["topk_logp"] = torch.zeros(N, T, top_k, device=device)
-            out["topk_ids"] = torch.zeros(N, T, top_k, dtype=torch.long, device=device)
-        for part in step_micro_batches(rows, self.micro_batch_tokens, device):
+        out = {}
+        for part in step_micro_batches(rows, self.micro_batch_tokens, rows["response_ids"].device):
             micro = take_micro_batch(rows, part)
             scores = scorer(micro["input_ids"], micro["attention_mask"], micro["response_ids"].shape[1], top_k=top_k,
                             exclude=exclude)
             for key, value in scores.items():
-                scatter_rows(out[key], part, value)
+                full = out.setdefault(key, value.new_zeros(N, T, *value.shape[2:]))
+                scatter_rows(full, part, value)
         return out
 
     def rollout_rows(self, batch: dict, policy: CausalLMScorer, generator: torch.Generator):
