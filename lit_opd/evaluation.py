@@ -18,7 +18,7 @@ from transformers import PreTrainedTokenizerBase
 from lit_opd.data.benchmarks import Problem
 from lit_opd.data.templates import PromptTemplate, eos_token_ids
 from lit_opd.metrics import pass_at_k
-from lit_opd.rollout.engine import Generation, HFGenerateEngine, RolloutEngine, SamplingConfig
+from lit_opd.rollout.engine import Generation, HFGenerateEngine, RolloutEngine, SamplingConfig, ended
 from lit_opd.verify import Verifier, answer_from_fallback, extract_answer
 
 # (prompt_ids [B, P], prompt_mask [B, P] bool, left-padded; sampling; generator) → Generation
@@ -115,7 +115,7 @@ def evaluate(
         raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
     prompts = [template.render(tokenizer, problem.problem) for problem in problems]
     rows = [index for index in range(len(problems)) for _ in range(n)]
-    end_ids = torch.tensor(eos_token_ids(tokenizer))
+    end_ids = eos_token_ids(tokenizer)
     texts, lengths, finished, verdicts = [], [], [], []
     with ThreadPoolExecutor(max_workers=1) as verification, tqdm(
         total=len(problems), disable=not progress, desc=description, unit="problem"
@@ -138,7 +138,7 @@ def evaluate(
             )
             texts += batch_texts
             lengths += mask.sum(dim=1).tolist()
-            finished += (torch.isin(ids, end_ids) & mask).any(dim=1).tolist()
+            finished += ended(ids, mask, end_ids).tolist()
             references = [problems[i].answer for i in batch_rows]
             verdicts.append(verification.submit(verifier.verify_batch, batch_texts, references))
             bar.update((start + len(batch_rows)) // n - bar.n)

@@ -5,7 +5,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_opd.modules.micro_batches import cut_rows, padded_tokens, prompt_response_lengths, take_rows
+from lit_opd.modules.micro_batches import cut_rows, prompt_response_lengths, take_rows
+
+
+def padded_tokens(mb: dict[str, torch.Tensor]) -> int:
+    """The padded token count of a (micro-)batch: rows × columns of its input_ids."""
+    return mb["input_ids"].numel()
 
 
 def minibatch(prompts: list[int], responses: list[int], P: int = 6, T: int = 5) -> dict[str, torch.Tensor]:

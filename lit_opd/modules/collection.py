@@ -16,7 +16,7 @@ from lit_opd.modules.micro_batches import scatter_rows, step_micro_batches, take
 from lit_opd.modules.settings import RolloutConfig
 from lit_opd.modules.teacher_sampling import PhasedTeacherSampling
 from lit_opd.rollout.buffer import split_rows
-from lit_opd.rollout.engine import Generation, SamplingConfig, build_engine
+from lit_opd.rollout.engine import Generation, SamplingConfig, build_engine, ended
 from lit_opd.sharding import gathered
 from lit_opd.verify import Verifier
 
@@ -71,8 +71,8 @@ class RolloutCollector:
         texts = self.tokenizer.batch_decode(response_ids.masked_fill(~response_mask, self.tokenizer.pad_token_id),
                                             skip_special_tokens=True)
         verdicts = self.verifier.verify_batch(texts, answers, fallback=self.rollout.answer_fallback)
-        ended = (torch.isin(response_ids, torch.tensor(self.eos_ids, device=response_ids.device)) & response_mask).any(1)
-        return torch.tensor(verdicts, dtype=torch.bool, device=response_ids.device) & ended
+        return torch.tensor(verdicts, dtype=torch.bool, device=response_ids.device) & ended(
+            response_ids, response_mask, self.eos_ids)
 
     @torch.no_grad()
     def score(self, scorer: CausalLMScorer, rows: dict[str, Tensor], top_k: int = 0) -> dict[str, Tensor]:

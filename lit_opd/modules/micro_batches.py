@@ -9,6 +9,8 @@ response). No packing (that would need variable-length attention).
 import torch
 from torch import Tensor
 
+from lit_opd.rollout.buffer import trim_response
+
 # Per-row tensors of a rollout mini-batch that are laid out [N, P+T] (the rest are [N, T, ...] or [N]).
 PROMPT_AND_RESPONSE = ("input_ids", "attention_mask")
 
@@ -45,26 +47,11 @@ def take_rows(mb: dict[str, Tensor], rows: Tensor) -> dict[str, Tensor]:
     of them (on the left) and of the response columns none of them uses (on the right)."""
     T = mb["response_ids"].shape[1]
     part = {key: value[rows.to(value.device)] for key, value in mb.items()}
-    prompt_mask = part["attention_mask"][:, :-T]
-    used = prompt_mask.any(dim=0).nonzero()
-    first_prompt_column = int(used.min()) if len(used) else prompt_mask.shape[1]
-    used = part["response_mask"].any(dim=0).nonzero()
-    response_columns = int(used.max()) + 1 if len(used) else 1
-    drop = T - response_columns
-    out = {}
-    for key, value in part.items():
-        if key in PROMPT_AND_RESPONSE:
-            out[key] = value[:, first_prompt_column : value.shape[1] - drop]
-        elif value.dim() >= 2 and value.shape[1] == T:
-            out[key] = value[:, :response_columns]
-        else:
-            out[key] = value
-    return out
-
-
-def padded_tokens(mb: dict[str, Tensor]) -> int:
-    """The padded token count of a (micro-)batch: rows × columns of its input_ids."""
-    return mb["input_ids"].numel()
+    used = part["attention_mask"][:, :-T].any(dim=0).nonzero()
+    first = int(used.min()) if len(used) else mb["attention_mask"].shape[1] - T
+    for key in PROMPT_AND_RESPONSE:
+        part[key] = part[key][:, first:]
+    return trim_response(part)
 
 
 def step_micro_batches(mb: dict[str, Tensor], budget: int, device: torch.device) -> list[Tensor | None]:

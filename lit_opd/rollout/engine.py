@@ -61,6 +61,12 @@ def response_mask_from_ids(response_ids: Tensor, eos_token_ids: list[int]) -> Te
     return eos_before == 0
 
 
+def ended(response_ids: Tensor, response_mask: Tensor, eos_token_ids: list[int]) -> Tensor:
+    """[B] bool: whether each response ended with an EOS id (was not cut at max_new_tokens)."""
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))
+    return (is_eos & response_mask).any(dim=1)
+
+
 class RolloutEngine(ABC):
     """Generates responses with the live weights of `model` (a HF causal LM)."""
 
