@@ -13,7 +13,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import lit_opd.rollout.static_cache as static_cache
 from lit_opd.rollout.decoder import Decoder, sample_tokens, unsupported_reason
-from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig, build_engine
+from lit_opd.rollout.engine import Generation, HFGenerateEngine, SamplingConfig, build_engine
 from lit_opd.rollout.static_cache import StaticCacheEngine
 
 
@@ -295,7 +295,7 @@ def test_build_engine_by_name():
     assert type(build_engine("static")) is StaticCacheEngine
     assert type(build_engine("hf")) is HFGenerateEngine
     with pytest.raises(ValueError, match="unknown rollout engine"):
-        build_engine("vllm")
+        build_engine("sglang")
 
 
 def test_rejects_prompts_that_are_not_left_padded():
@@ -370,3 +370,35 @@ def test_cuda_graphs_give_the_eager_engine_tokens():
     a = graphed.generate(model, ids, mask, sampling, [3, 4], PAD, torch.Generator(device="cuda"))
     b = eager.generate(model, ids, mask, sampling, [3, 4], PAD, torch.Generator(device="cuda"))
     assert torch.equal(a.response_ids, b.response_ids)
+
+
+def test_concat_generations_pads_each_part_to_the_longest_response():
+    from lit_opd.modules.collection import concat_generations
+
+    a = Generation(torch.tensor([[5, 6, 7]]), torch.tensor([[True, True, True]]), torch.tensor([[-1.0, -2.0, -3.0]]))
+    b = Generation(torch.tensor([[8], [9]]), torch.tensor([[True], [False]]), torch.tensor([[-4.0], [0.0]]))
+    out = concat_generations([a, b], pad_token_id=PAD)
+    assert out.response_ids.tolist() == [[5, 6, 7], [8, PAD, PAD], [9, PAD, PAD]]
+    assert out.response_mask.tolist() == [[True] * 3, [True, False, False], [False] * 3]
+    assert out.logp.tolist() == [[-1.0, -2.0, -3.0], [-4.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    assert out.sample_logp is None
+
+
+@pytest.mark.parametrize("engine", ["static", "hf"])
+def test_generate_batch_size_caps_the_rows_per_call_and_keeps_greedy_tokens(engine, tiny_lm, char_tokenizer):
+    from lit_opd.logprobs import CausalLMScorer
+    from lit_opd.modules import RolloutConfig
+    from lit_opd.modules.collection import RolloutCollector
+
+    prompts = left_padded_prompts([3, 11, 6, 4, 9], seed=2)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=0)
+    outputs, calls = {}, []
+    for size in (0, 2):
+        collector = RolloutCollector(RolloutConfig(engine=engine, generate_batch_size=size), char_tokenizer, 0,
+                                     verdicts=False, verify_workers=1)
+        engine_generate = collector.engine.generate
+        collector.engine.generate = lambda model, ids, *args: calls.append(len(ids)) or engine_generate(model, ids, *args)
+        outputs[size] = collector.generate(CausalLMScorer(tiny_lm), *prompts, sampling, torch.Generator().manual_seed(0))
+    assert calls == [5, 2, 2, 1]
+    assert torch.equal(outputs[2].response_ids, outputs[0].response_ids)
+    assert torch.equal(outputs[2].response_mask, outputs[0].response_mask)

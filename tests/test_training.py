@@ -54,13 +54,18 @@ class Recorder(SampledTokenOPD):
 
     def configure_model(self):
         super().configure_model()
-        original = self.teacher.forward
+        self.student_calls = 0
+        teacher_forward, student_forward = self.teacher.forward, self.policy.forward
 
-        def counted(*args, **kwargs):
+        def teacher_counted(*args, **kwargs):
             self.teacher_calls += 1
-            return original(*args, **kwargs)
+            return teacher_forward(*args, **kwargs)
 
-        self.teacher.forward = counted
+        def student_counted(*args, **kwargs):
+            self.student_calls += 1
+            return student_forward(*args, **kwargs)
+
+        self.teacher.forward, self.policy.forward = teacher_counted, student_counted
 
     def log_step(self, mb, logp, gates, position_loss, reuse_index):
         drift = (logp.detach() - mb["old_logp"]).abs()[mb["response_mask"]].max().item()
@@ -93,6 +98,22 @@ def test_reuse_drift_zero_on_first_use_and_teacher_scored_once(tiny_checkpoints,
     assert [r["reuse"] for r in module.records] == [0, 1, 0, 1]
     assert [r["drift"] == 0.0 for r in module.records] == [True, False, True, False]
     assert module.teacher_calls == 2  # one scoring pass per rollout batch (score_batch_size ≥ rows)
+
+
+@pytest.mark.parametrize("minibatches, reuse, forwards", [(1, 2, 2), (2, 1, 3)])
+def test_first_step_reads_behaviour_logprobs_off_its_own_forward(minibatches, reuse, forwards, tiny_checkpoints,
+                                                                 prompts_file):
+    """A rollout batch's first step makes no separate behaviour-log-prob forward (one rollout batch:
+    a forward per step, + one scoring pass per later mini-batch), and what it keeps for the later
+    steps equals a no-grad scoring pass (lr 0: the weights stay those of the rollout)."""
+    module = make_module(tiny_checkpoints, optim=OptimConfig(lr=0.0))
+    data = PromptDataModule(tiny_checkpoints["student"], prompts_file, prompts_per_rollout=2, reuse=reuse,
+                            num_minibatches=minibatches)
+    make_trainer(minibatches * reuse).fit(module, data)
+    assert module.student_calls == forwards
+    for mb in module.buffer.minibatches:
+        torch.testing.assert_close(mb["old_logp"], module.collector.score(module.policy, mb)["logp"],
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_teacher_with_other_vocabulary_is_refused(tiny_checkpoints, tmp_path):

@@ -27,7 +27,8 @@ from lit_opd.modules.loading import check_same_vocabulary, load_causal_lm, load_
 from lit_opd.modules.settings import DType, OptimConfig, RolloutConfig
 from lit_opd.modules.state import check_opens_rollout, drop_teacher_keys, restore_training_state, training_state
 from lit_opd.modules.micro_batches import scatter_rows, step_micro_batches, take_micro_batch
-from lit_opd.modules.step import NonfiniteGuard, compose, gradient_norms, response_logprobs, step_logs, step_normalizers
+from lit_opd.modules.step import (NonfiniteGuard, compose, gradient_norms, masked_mean, response_logprobs, step_logs,
+                                  step_normalizers)
 from lit_opd.rollout.buffer import RolloutBuffer
 from lit_opd.rollout.engine import Generation, SamplingConfig
 from lit_opd.sharding import gradient_sync, save_pretrained_full, shard_scorers
@@ -45,7 +46,9 @@ class DistillationModule(L.LightningModule):
         student: the student, an HF causal LM path or hub id.
         teacher: the teacher, an HF causal LM path or hub id sharing the student's vocabulary.
         tokenizer: the tokenizer path (default: the student's); linked from data.tokenizer.
-        dtype: the weights' dtype (under bf16-mixed, keep float32 master weights).
+        dtype: the student's weights' dtype (under bf16-mixed, keep float32 master weights).
+        teacher_dtype: the frozen teacher's weights' dtype (None: `dtype`); bfloat16 halves a
+            float32 teacher's memory and changes nothing under bf16-mixed, which computes in bfloat16.
         rollout: how rollout batches are collected (`RolloutConfig`).
         optim: AdamW and its warm-up (`OptimConfig`).
         gates: gate objects (class_path in YAML), composed by product; [] for none.
@@ -72,6 +75,7 @@ class DistillationModule(L.LightningModule):
         teacher: str,
         tokenizer: str | None = None,
         dtype: DType = "bfloat16",
+        teacher_dtype: DType | None = None,
         rollout: RolloutConfig = RolloutConfig(),
         optim: OptimConfig = OptimConfig(),
         gates: list[Gate] | None = None,
@@ -86,6 +90,7 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["gates"])
         self.student_path, self.teacher_path, self.dtype_name = student, teacher, dtype
+        self.teacher_dtype = teacher_dtype or dtype
         self.tokenizer = load_tokenizer(tokenizer or student, "tokenizer")
         check_same_vocabulary(self.tokenizer, load_tokenizer(teacher, "teacher"), student, teacher)
         self.rollout, self.optim, self.reduction, self.seed = rollout, optim, reduction, seed
@@ -123,7 +128,7 @@ class DistillationModule(L.LightningModule):
         if self.policy is not None:
             return
         student = load_causal_lm(self.student_path, self.dtype_name, "student", self.tokenizer)
-        teacher = load_causal_lm(self.teacher_path, self.dtype_name, "teacher", self.tokenizer)
+        teacher = load_causal_lm(self.teacher_path, self.teacher_dtype, "teacher", self.tokenizer)
         if self.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         teacher.requires_grad_(False).eval()
@@ -139,7 +144,7 @@ class DistillationModule(L.LightningModule):
         verdicts = any(gate.needs_verdicts for gate in self.gates)
         workers = max(1, available_cpus() // max(self.trainer.num_devices, 1))
         self.collector = RolloutCollector(self.rollout, self.tokenizer, self.teacher_top_k, verdicts, workers,
-                                          self.support_exclude, self.micro_batch_tokens)
+                                          self.support_exclude, self.micro_batch_tokens, self.student_path)
         if self.generator is None:
             self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.global_rank)
 
@@ -199,12 +204,14 @@ class DistillationModule(L.LightningModule):
         index = batch["minibatch_index"]
         mb = {k: v.to(self.device) for k, v in self.buffer.minibatches[index].items()}
         parts = step_micro_batches(mb, self.micro_batch_tokens, self.device)
-        record = {"logp": torch.zeros_like(mb["old_logp"]), "loss": torch.zeros_like(mb["old_logp"]),
-                  "gate": torch.ones_like(mb["old_logp"])}
+        fresh = "old_logp" not in mb  # the rollout batch's first step: π_old is π_θ, read off its forward
+        if fresh and len(parts) > 1 and self.gates:  # unless gates must see the whole step before it
+            mb["old_logp"] = self.current_logprobs(mb, parts)
+        record = {"logp": torch.zeros_like(mb["teacher_logp"]), "loss": torch.zeros_like(mb["teacher_logp"]),
+                  "gate": torch.ones_like(mb["teacher_logp"])}
         bad, step_gates = [], None
-        if len(parts) > 1:  # gates normalise over the whole step: they need its current log-probs first
-            first_use = index == 0 and batch["reuse_index"] == 0
-            logp = mb["old_logp"] if first_use or not self.gates_read_logp else self.current_logprobs(mb, parts)
+        if len(parts) > 1 and self.gates:  # gates normalise over the whole step: they need its current log-probs first
+            logp = mb["old_logp"] if fresh or not self.gates_read_logp else self.current_logprobs(mb, parts)
             bad = self.guard.nonfinite({"student log-probs": logp[mb["response_mask"]]}, self.device)
             step_gates = self.position_gates(mb, mb["old_logp"] if bad else logp)
         for k, rows in enumerate(parts):
@@ -214,6 +221,9 @@ class DistillationModule(L.LightningModule):
             where = f"rollout batch {batch['rollout_index']}, mini-batch {index}"
             self.guard.skip(f"non-finite {' and '.join(dict.fromkeys(bad))} ({where})", self.global_step)
         self.optimizer_step()
+        if fresh:  # kept for the rollout batch's later steps
+            kept = self.buffer.minibatches[index]
+            kept["old_logp"] = mb.setdefault("old_logp", record["logp"]).to(kept["teacher_logp"].device)
         gates = [record["gate"]] if self.gates else []
         if not bad:  # a skipped step's values are not the step's
             self.log_step(mb, record["logp"], gates, record["loss"], batch["reuse_index"])
@@ -221,9 +231,13 @@ class DistillationModule(L.LightningModule):
 
     def micro_step(self, micro, rows, step_gates, index: int, record: dict[str, Tensor]) -> list[str]:
         """Forward and backward of one micro-batch (rows `rows` of the mini-batch; None: an empty
-        one); its log-probs, position losses and gates go into `record`. Returns the names of the
-        non-finite values met (a collective: every rank calls it as often)."""
+        one); its log-probs, position losses and gates go into `record`. On a rollout batch's first
+        step the forward's log-probs are also the behaviour log-probs (the weights have not moved
+        since the rollout). Returns the names of the non-finite values met (a collective: every
+        rank calls it as often)."""
         scores = self.student_scores(micro)
+        micro.setdefault("old_logp", scores["logp"].detach())
+        scatter_rows(record["logp"], rows, scores["logp"].detach())
         nothing = scores["logp"].sum() * 0.0  # a backward with the same collectives as any other
         if bad := self.guard.nonfinite(response_logprobs(micro, scores), self.device):
             self.manual_backward(nothing)
@@ -236,7 +250,7 @@ class DistillationModule(L.LightningModule):
             position_loss = self.per_token_loss(micro, scores)
             loss = gated_reduce(position_loss, gates, micro["response_mask"], self.reduction,
                                 self.buffer.normalizers[index])
-            for key, value in (("logp", scores["logp"]), ("loss", position_loss), ("gate", compose(gates, position_loss))):
+            for key, value in (("loss", position_loss), ("gate", compose(gates, position_loss))):
                 scatter_rows(record[key], rows, value.detach())
         if self.guard.nonfinite({"loss": loss}, self.device):
             self.manual_backward(nothing)
@@ -247,7 +261,7 @@ class DistillationModule(L.LightningModule):
     @torch.no_grad()
     def current_logprobs(self, mb: dict[str, Tensor], parts: list[Tensor | None]) -> Tensor:
         """[N, T] log π_θ of the mini-batch's sampled tokens, a no-grad forward per micro-batch."""
-        started, logp = time.perf_counter(), torch.zeros_like(mb["old_logp"])
+        started, logp = time.perf_counter(), torch.zeros_like(mb["teacher_logp"])
         for rows in parts:
             micro = take_micro_batch(mb, rows)
             scatter_rows(logp, rows, self.policy(micro["input_ids"], micro["attention_mask"],
@@ -271,6 +285,8 @@ class DistillationModule(L.LightningModule):
         """The step's scalars (local means), the gates' own statistics and the gate histogram."""
         scalars, gate_values = step_logs(mb, logp, gates, position_loss, self.reduction)
         scalars["train/reuse_index"] = float(reuse_index)
+        if "rollout_logp" in mb and reuse_index == 0:  # the engine's log π against the trainer's, same weights
+            scalars["rollout/logp_mismatch"] = masked_mean((mb["rollout_logp"] - mb["old_logp"]).abs(), mb["response_mask"])
         for gate in self.gates:
             scalars.update(gate.statistics(mb, logp.detach()))
         self.log_dict(scalars)

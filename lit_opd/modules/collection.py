@@ -21,6 +21,20 @@ from lit_opd.sharding import gathered
 from lit_opd.verify import Verifier
 
 
+def concat_generations(parts: list[Generation], pad_token_id: int) -> Generation:
+    """The rows of several Generations, right-padded to the longest response (pad id, mask False, log-prob 0)."""
+    T = max(part.response_ids.shape[1] for part in parts)
+
+    def cat(name: str, fill) -> Tensor | None:
+        values = [getattr(part, name) for part in parts]
+        if any(value is None for value in values):
+            return None
+        return torch.cat([torch.nn.functional.pad(v, (0, T - v.shape[1]), value=fill) for v in values])
+
+    return Generation(cat("response_ids", pad_token_id), cat("response_mask", False), cat("logp", 0.0),
+                      cat("sample_logp", 0.0))
+
+
 class RolloutCollector:
     """Collects rollout batches with `rollout`'s settings.
 
@@ -29,15 +43,16 @@ class RolloutCollector:
     `correct` (also on with rollout.verify or rollout.teacher_phases). verify_workers: verifier
     processes (started on first use). micro_batch_tokens: scoring forwards within this padded
     token budget (`micro_batches.cut_rows`; 0: rollout.score_batch_size rows at a time).
+    model_path: the student's files, from which the vllm engine is built.
     """
 
     def __init__(self, rollout: RolloutConfig, tokenizer, teacher_top_k: int, verdicts: bool, verify_workers: int,
-                 support_exclude: list[int] = (), micro_batch_tokens: int = 0):
+                 support_exclude: list[int] = (), micro_batch_tokens: int = 0, model_path: str | None = None):
         self.rollout, self.tokenizer, self.teacher_top_k = rollout, tokenizer, teacher_top_k
         self.support_exclude = torch.tensor(sorted(support_exclude), dtype=torch.long)
         self.micro_batch_tokens = micro_batch_tokens
         self.eos_ids = eos_token_ids(tokenizer)
-        self.engine = build_engine(rollout.engine)
+        self.engine = build_engine(rollout.engine, model_path, rollout.vllm)
         self.phases = PhasedTeacherSampling(rollout.teacher_phases) if rollout.teacher_phases else None
         self.verdicts = verdicts or rollout.verify or self.phases is not None
         self.verify_workers = verify_workers
@@ -46,21 +61,27 @@ class RolloutCollector:
     def close(self) -> None:
         if self.verifier is not None:
             self.verifier.close()
+        self.engine.close()
 
     def generate(
         self, scorer: CausalLMScorer, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig,
         generator: torch.Generator,
     ) -> Generation:
-        """Sample responses with `scorer`'s model in eval mode, gathered if sharded. [B, P] → Generation."""
+        """Sample responses with `scorer`'s model in eval mode, gathered if sharded, at most
+        rollout.generate_batch_size rows per engine call (its KV cache; a paged engine takes all).
+        [B, P] → Generation."""
         model = scorer.model
         was_training = model.training
         model.eval()
+        size = prompt_ids.shape[0] if self.engine.paged else self.rollout.generate_batch_size or prompt_ids.shape[0]
         try:
             with torch.no_grad(), gathered(scorer):
-                return self.engine.generate(model, prompt_ids, prompt_mask, sampling, self.eos_ids,
-                                            self.tokenizer.pad_token_id, generator)
+                parts = [self.engine.generate(model, prompt_ids[i : i + size], prompt_mask[i : i + size], sampling,
+                                              self.eos_ids, self.tokenizer.pad_token_id, generator)
+                         for i in range(0, prompt_ids.shape[0], size)]
         finally:
             model.train(was_training)
+        return parts[0] if len(parts) == 1 else concat_generations(parts, self.tokenizer.pad_token_id)
 
     def verify(self, response_ids: Tensor, response_mask: Tensor, answers: list[str]) -> Tensor:
         """bool [N]: did each response end (an EOS id under its mask) with a final answer equal to
@@ -117,6 +138,8 @@ class RolloutCollector:
             "response_mask": generation.response_mask,
             "from_teacher": torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device),
         }
+        if self.rollout.engine == "vllm" and self.phases is None:  # for rollout/logp_mismatch
+            rows["rollout_logp"] = generation.logp
         return rows, answers, generation
 
     def collect(
@@ -140,7 +163,7 @@ class RolloutCollector:
         order = torch.randperm(rows["input_ids"].shape[0], generator=generator)
         minibatches = split_rows(rows, order, batch["num_minibatches"])
         t2 = time.perf_counter()
-        for mb in minibatches:
+        for mb in minibatches[1:]:  # the first mini-batch's are its training forward's (`DistillationModule`)
             mb["old_logp"] = self.score(policy, mb)["logp"]
         t3 = time.perf_counter()
         for mb in minibatches:

@@ -8,19 +8,20 @@ from lit_opd.data.templates import PromptTemplate, datamodule_template, eos_toke
 from lit_opd.modules.loading import load_causal_lm, load_tokenizer
 from lit_opd.modules.settings import DType
 from lit_opd.rollout.engine import EngineName, Generation, SamplingConfig, build_engine
+from lit_opd.rollout.vllm_engine import VLLMSettings
 
 
 class PolicyEvaluation(L.LightningModule):
     """Args: student: the model to evaluate (path or hub id); tokenizer: default the model's;
-    engine: "static" (static KV cache) or "hf" (HF `generate`)."""
+    engine: "static" (static KV cache), "hf" (HF `generate`) or "vllm" (with `vllm`'s settings)."""
 
     def __init__(self, student: str, tokenizer: str | None = None, dtype: DType = "bfloat16",
-                 engine: EngineName = "static"):
+                 engine: EngineName = "static", vllm: VLLMSettings | None = None):
         super().__init__()
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer or student, "tokenizer")
         self.student_path, self.dtype_name = student, dtype
-        self.engine = build_engine(engine)
+        self.engine = build_engine(engine, student, vllm)
         self.student = None
 
     @property
@@ -35,6 +36,9 @@ class PolicyEvaluation(L.LightningModule):
     def generate_responses(self, prompt_ids, prompt_mask, sampling: SamplingConfig, generator) -> Generation:
         return self.engine.generate(self.student, prompt_ids, prompt_mask, sampling, eos_token_ids(self.tokenizer),
                                     self.tokenizer.pad_token_id, generator)
+
+    def teardown(self, stage: str) -> None:
+        self.engine.close()
 
     def validation_step(self, batch, batch_idx) -> None:
         """No-op: the PassAtKEvaluation callback evaluates."""

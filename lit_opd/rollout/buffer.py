@@ -11,8 +11,10 @@ from torch import Tensor
 class RolloutBuffer:
     """rollout_index: which rollout batch of the schedule this is.
     minibatches: dicts of tensors with N_i rows each — input_ids / attention_mask [N_i, P+T],
-        response_ids / response_mask / old_logp / teacher_logp [N_i, T], and per variant
-        teacher_topk_logp / teacher_topk_ids [N_i, T, K], correct / from_teacher [N_i].
+        response_ids / response_mask / old_logp / teacher_logp [N_i, T] (mini-batch 0's old_logp
+        from its first step on: that step's forward gives it), and per variant
+        teacher_topk_logp / teacher_topk_ids [N_i, T, K], correct / from_teacher [N_i],
+        rollout_logp [N_i, T] (the vllm engine's own log-probs, for rollout/logp_mismatch).
     normalizers: per mini-batch, the loss denominator (global token or sequence count of its
         optimiser step, divided by accumulation × world size).
     stats: scalars measured when the buffer was filled (timings, lengths), logged once.

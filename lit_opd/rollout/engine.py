@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig
 
-EngineName = Literal["static", "hf"]
+EngineName = Literal["static", "hf", "vllm"]
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,10 @@ def ended(response_ids: Tensor, response_mask: Tensor, eos_token_ids: list[int])
 
 
 class RolloutEngine(ABC):
-    """Generates responses with the live weights of `model` (a HF causal LM)."""
+    """Generates responses with the live weights of `model` (a HF causal LM). `paged`: the engine
+    schedules rows within its own KV-cache memory, so callers need not cap the rows per call."""
+
+    paged: bool = False
 
     @abstractmethod
     def generate(
@@ -83,6 +86,9 @@ class RolloutEngine(ABC):
     ) -> Generation:
         """prompt_ids, prompt_mask: [B, P], left-padded. Sampling randomness comes from
         `generator` only, so a seeded generator gives the same responses."""
+
+    def close(self) -> None:
+        """Release what the engine holds (none by default)."""
 
 
 class HFGenerateEngine(RolloutEngine):
@@ -115,13 +121,21 @@ class HFGenerateEngine(RolloutEngine):
         return Generation(response_ids=response_ids, response_mask=response_mask)
 
 
-def build_engine(name: EngineName) -> RolloutEngine:
+def build_engine(name: EngineName, model_path: str | None = None, vllm=None) -> RolloutEngine:
     """The rollout engine called `name`: "static" is the static-KV-cache engine (`StaticCacheEngine`, which
-    falls back to HF `generate` for models it does not implement), "hf" is `HFGenerateEngine`."""
+    falls back to HF `generate` for models it does not implement), "hf" is `HFGenerateEngine`, "vllm"
+    is `VLLMEngine` built from `model_path` with `vllm` (`VLLMSettings`)."""
     if name == "static":
         from lit_opd.rollout.static_cache import StaticCacheEngine  # here: static_cache imports this module
 
         return StaticCacheEngine()
     if name == "hf":
         return HFGenerateEngine()
-    raise ValueError(f"unknown rollout engine {name!r}: expected 'static' or 'hf'")
+    if name == "vllm":
+        from lit_opd.rollout.vllm_engine import VLLMEngine, import_vllm
+
+        if model_path is None:
+            raise ValueError("rollout.engine: vllm needs the student's model path")
+        import_vllm()
+        return VLLMEngine(model_path, vllm)
+    raise ValueError(f"unknown rollout engine {name!r}: expected 'static', 'hf' or 'vllm'")

