@@ -19,7 +19,7 @@ per micro-batch + AdamW, the rollout excluded). The
 checkpoints are written before the cases, so that no case's peak holds their creation.
 
 Projection (`projection`): the step's activation peak (the peak over the rolled-out one, less the
-student's gradients and AdamW moments) is fitted as a + tokens·(b + layers·c) (bytes; a: the
+student's gradients) is fitted as a + tokens·(b + layers·c) (bytes; a: the
 lm_head chunk and fixed buffers, b: per token outside the layers, c: per token and layer, float32
 on this CPU; under bf16-mixed the checkpointed residual stream stays float32,
 so these are used as measured). For each shipped paper config, at real depth (28 layers; the
@@ -149,11 +149,12 @@ def run_case(rows: int, budget: int, layers: int, args) -> dict:
 
 def fit_activations(cases: list[dict]) -> dict[str, float]:
     """Least squares of the step's activations, a + tokens·(b + layers·c), over the cases without a
-    budget (tokens = the step's padded tokens): the peak over the rolled-out one, less the
-    student's gradients and AdamW moments (12 bytes a parameter, counted apart in the projection)."""
+    budget (tokens = the step's padded tokens): the peak over the rolled-out one (which holds
+    AdamW's moments already), less the student's gradients (4 bytes a parameter, counted apart in
+    the projection)."""
     unbudgeted = [c for c in cases if c["budget"] == 0]
     X = torch.tensor([[1.0, c["tokens"], c["tokens"] * c["layers"]] for c in unbudgeted], dtype=torch.float64)
-    y = torch.tensor([float(c["peak_rss_bytes"] - c["rolled_out_bytes"] - 12 * parameter_count(STUDENT, c["layers"]))
+    y = torch.tensor([float(c["peak_rss_bytes"] - c["rolled_out_bytes"] - 4 * parameter_count(STUDENT, c["layers"]))
                       for c in unbudgeted], dtype=torch.float64)
     a, b, c = torch.linalg.lstsq(X, y[:, None]).solution.squeeze(1).tolist()
     return {"a_bytes": a, "b_bytes_per_token": b, "c_bytes_per_token_layer": c}

@@ -21,6 +21,7 @@ def tiny_args(checkpoints, prompts_file, *extra):
         f"--model.init_args.student={checkpoints['student']}",
         f"--model.init_args.teacher={checkpoints['teacher']}",
         "--model.init_args.dtype=float32",
+        "--model.init_args.teacher_dtype=float32",
         "--model.init_args.rollout.num_samples=2",
         "--model.init_args.rollout.max_new_tokens=8",
         "--model.init_args.rollout.score_batch_size=4",
