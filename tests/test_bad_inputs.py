@@ -71,8 +71,7 @@ def fit_args(ws, *extra):
 
 def validate_args(ws, *extra):
     return ["validate", "--config", EVAL_CONFIG, *extra, f"--model.init_args.student={ws['student']}",
-            f"--data.tokenizer={ws['student']}", "--model.init_args.dtype=float32",
-            "--model.init_args.teacher_dtype=float32", "--trainer.accelerator=cpu",
+            f"--data.tokenizer={ws['student']}", "--model.init_args.dtype=float32", "--trainer.accelerator=cpu",
             f"--trainer.logger.init_args.save_dir={ws['root'] / 'runs'}"]
 
 

@@ -161,7 +161,6 @@ def test_validate_a_plain_hf_model_through_the_cli(tiny_checkpoints, tmp_path, m
         f"--model.init_args.student={tiny_checkpoints['student']}",
         f"--data.tokenizer={tiny_checkpoints['student']}",
         "--model.init_args.dtype=float32",
-        "--model.init_args.teacher_dtype=float32",
         "--trainer.accelerator=cpu",
         "--trainer.enable_progress_bar=false",
         "--trainer.callbacks.benchmarks=[aime24, amc23]",
