@@ -116,6 +116,22 @@ def test_first_step_reads_behaviour_logprobs_off_its_own_forward(minibatches, re
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_the_student_trains_in_train_mode_so_gradient_checkpointing_is_on(tiny_checkpoints, prompts_file):
+    """HF checkpoints layers only in train mode, and from_pretrained returns eval mode."""
+    seen = []
+
+    class Probe(Recorder):
+        def micro_step(self, *args, **kwargs):
+            model = self.student.model
+            seen.append((self.student.training, model.gradient_checkpointing, self.teacher.model.training))
+            return super().micro_step(*args, **kwargs)
+
+    module = make_module(tiny_checkpoints, cls=Probe, gradient_checkpointing=True)
+    data = PromptDataModule(tiny_checkpoints["student"], prompts_file, prompts_per_rollout=2, reuse=1, num_minibatches=1)
+    make_trainer(1).fit(module, data)
+    assert seen == [(True, True, False)]
+
+
 def test_teacher_with_other_vocabulary_is_refused(tiny_checkpoints, tmp_path):
     from transformers import AutoTokenizer
 

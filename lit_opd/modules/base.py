@@ -131,6 +131,7 @@ class DistillationModule(L.LightningModule):
         teacher = load_causal_lm(self.teacher_path, self.teacher_dtype, "teacher", self.tokenizer)
         if self.gradient_checkpointing:
             student.gradient_checkpointing_enable()
+        student.train()  # from_pretrained returns eval mode, in which HF skips gradient checkpointing
         teacher.requires_grad_(False).eval()
         self.policy = CausalLMScorer(student, self.chunk_size)
         self.teacher = CausalLMScorer(teacher, self.chunk_size)
