@@ -38,6 +38,8 @@ step, counted from their shapes.
 """
 
 import argparse
+import contextlib
+import io
 import json
 import resource
 import subprocess
@@ -50,7 +52,7 @@ import torch
 import yaml
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-from lit_opd.configs import config_file, shipped_configs
+from lit_opd.configs import shipped_configs
 from lit_opd.data.char_tokenizer import build_char_tokenizer
 
 VOCAB = 151_936
@@ -166,9 +168,7 @@ def kv_bytes_per_token(shape: dict, layers: int, bytes_per_value: int = 2) -> in
 
 def project(config_name: str, fit: dict[str, float]) -> dict:
     """Peak GPU GiB of one shipped paper config at real depth: one GPU, and per GPU of FSDP2 on 8."""
-    merged: dict = {}
-    for name in ("defaults", config_name):
-        merge(merged, yaml.safe_load(config_file(name).read_text()))
+    merged = merged_config(config_name)
     model, data = merged["model"]["init_args"], merged["data"]
     rollout = model["rollout"]
     evaluation = next(c["init_args"] for c in merged["trainer"]["callbacks"] if c["class_path"].endswith("PassAtKEvaluation"))
@@ -203,12 +203,14 @@ def project(config_name: str, fit: dict[str, float]) -> dict:
     }
 
 
-def merge(into: dict, update: dict) -> None:
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(into.get(key), dict):
-            merge(into[key], value)
-        else:
-            into[key] = value
+def merged_config(name: str) -> dict:
+    """A shipped config as `lit-opd fit --config NAME --print_config` resolves it (over defaults.yaml)."""
+    from lit_opd.cli import main as lit_opd_main
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        lit_opd_main(["fit", "--config", name, "--print_config"])
+    return yaml.safe_load(printed.getvalue())
 
 
 def paper_configs() -> list[str]:

@@ -206,12 +206,12 @@ class DistillationModule(L.LightningModule):
         mb = {k: v.to(self.device) for k, v in self.buffer.minibatches[index].items()}
         parts = step_micro_batches(mb, self.micro_batch_tokens, self.device)
         fresh = "old_logp" not in mb  # the rollout batch's first step: π_old is π_θ, read off its forward
-        if fresh and len(parts) > 1 and self.gates:  # unless gates must see the whole step before it
-            mb["old_logp"] = self.current_logprobs(mb, parts)
         record = {"logp": torch.zeros_like(mb["teacher_logp"]), "loss": torch.zeros_like(mb["teacher_logp"]),
                   "gate": torch.ones_like(mb["teacher_logp"])}
         bad, step_gates = [], None
         if len(parts) > 1 and self.gates:  # gates normalise over the whole step: they need its current log-probs first
+            if fresh:  # before any forward of the step: a pre-pass (then π_old = π_θ)
+                mb["old_logp"] = self.current_logprobs(mb, parts)
             logp = mb["old_logp"] if fresh or not self.gates_read_logp else self.current_logprobs(mb, parts)
             bad = self.guard.nonfinite({"student log-probs": logp[mb["response_mask"]]}, self.device)
             step_gates = self.position_gates(mb, mb["old_logp"] if bad else logp)

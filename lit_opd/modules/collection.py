@@ -14,7 +14,7 @@ from lit_opd.data.templates import eos_token_ids
 from lit_opd.logprobs import CausalLMScorer
 from lit_opd.modules.micro_batches import scatter_rows, step_micro_batches, take_micro_batch
 from lit_opd.modules.settings import RolloutConfig
-from lit_opd.modules.teacher_sampling import PhasedTeacherSampling
+from lit_opd.modules.teacher_sampling import PhasedTeacherSampling, pad_columns
 from lit_opd.rollout.buffer import split_rows
 from lit_opd.rollout.engine import Generation, SamplingConfig, build_engine, ended
 from lit_opd.sharding import gathered
@@ -29,7 +29,7 @@ def concat_generations(parts: list[Generation], pad_token_id: int) -> Generation
         values = [getattr(part, name) for part in parts]
         if any(value is None for value in values):
             return None
-        return torch.cat([torch.nn.functional.pad(v, (0, T - v.shape[1]), value=fill) for v in values])
+        return torch.cat([pad_columns(value, T, fill) for value in values])
 
     return Generation(cat("response_ids", pad_token_id), cat("response_mask", False), cat("logp", 0.0),
                       cat("sample_logp", 0.0))

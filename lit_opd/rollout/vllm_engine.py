@@ -69,14 +69,18 @@ class VLLMEngine(RolloutEngine):
         self.llm = None
         self.synced: tuple[int, ...] | None = None
 
+    @property
+    def sleeps(self) -> bool:
+        """Sleep mode between calls: asked for, and on CUDA (vLLM has none on CPU)."""
+        return self.settings.enable_sleep_mode and torch.cuda.is_available()
+
     def start(self, dtype: torch.dtype) -> None:
         vllm = import_vllm()
         s = self.settings
-        cuda = torch.cuda.is_available()
         self.llm = vllm.LLM(
             model=self.model_path, skip_tokenizer_init=True, dtype=s.dtype if s.dtype != "auto" else str(dtype).removeprefix("torch."),
             gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len,
-            enable_sleep_mode=s.enable_sleep_mode and cuda, enforce_eager=s.enforce_eager or not cuda,
+            enable_sleep_mode=self.sleeps, enforce_eager=s.enforce_eager or not torch.cuda.is_available(),
             logprobs_mode="raw_logprobs", seed=0,
         )
         self.synced = None
@@ -104,7 +108,7 @@ class VLLMEngine(RolloutEngine):
 
         if self.llm is None:
             self.start(next(model.parameters()).dtype)
-        elif self.settings.enable_sleep_mode and torch.cuda.is_available():
+        elif self.sleeps:
             self.llm.wake_up()
         self.push_weights(model)
         seeds = torch.randint(0, 2**31 - 1, (prompt_ids.shape[0],), generator=generator).tolist()
@@ -117,7 +121,7 @@ class VLLMEngine(RolloutEngine):
             for seed in seeds
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
-        if self.settings.enable_sleep_mode and torch.cuda.is_available():
+        if self.sleeps:
             self.llm.sleep(level=1)
         return generation_from_outputs([o.outputs[0] for o in outputs], pad_token_id, prompt_ids.device)
 
