@@ -20,8 +20,9 @@ checkpoints are written before the cases, so that no case's peak holds their cre
 
 Projection (`projection`): the step's activation peak (the peak over the rolled-out one, less the
 student's gradients) is fitted as a + tokens·(b + layers·c) (bytes; a: the
-lm_head chunk and fixed buffers, b: per token outside the layers, c: per token and layer, float32
-on this CPU; under bf16-mixed the checkpointed residual stream stays float32,
+lm_head chunk (`--chunk-size` positions, 128 by default so that the per-token costs show) and fixed
+buffers, b: per token outside the layers, c: per token and layer, float32
+on this CPU; a config's own chunk_size replaces the rehearsal's in a, `lm_head_chunk_bytes`; under bf16-mixed the checkpointed residual stream stays float32,
 so these are used as measured). For each shipped paper config, at real depth (28 layers; the
 teacher's 36), peak GPU memory on one GPU and per GPU under FSDP2 on 8 is
   persistent (student: 16 bytes/parameter in float32 with AdamW, teacher at its dtype;
@@ -87,7 +88,10 @@ def save_models(directory: Path, layers: int) -> dict[str, str]:
             config.bos_token_id = config.pad_token_id = tokenizer.pad_token_id
             config.eos_token_id = tokenizer.eos_token_id
             torch.manual_seed(seed)
-            Qwen3ForCausalLM(config).save_pretrained(path)
+            # Saved in bfloat16 and loaded in float32, so the loaded weights are copies in anonymous
+            # memory: memory-mapped float32 files would count in the resident set only while the
+            # kernel keeps their pages, which made the peaks of earlier runs drift by ~0.7 GB.
+            Qwen3ForCausalLM(config).to(torch.bfloat16).save_pretrained(path)
             tokenizer.save_pretrained(path)
         paths[role] = str(path)
     return paths
@@ -128,7 +132,7 @@ def run_case(rows: int, budget: int, layers: int, args) -> dict:
     problem = "1+2*3-4 " * (args.prompt_tokens // 8)
     write_jsonl(({"problem": f"{i}: {problem}", "answer": "0"} for i in range(rows // samples)), data_file)
     module = Measured(student=paths["student"], teacher=paths["teacher"], dtype="float32",
-                      gradient_checkpointing=True, micro_batch_tokens=budget,
+                      gradient_checkpointing=True, micro_batch_tokens=budget, chunk_size=args.chunk_size,
                       rollout=RolloutConfig(num_samples=samples, max_new_tokens=args.new_tokens, score_batch_size=rows),
                       optim=OptimConfig(lr=1e-6, gradient_clip_val=1.0))
     data = PromptDataModule(paths["student"], str(data_file), instruction="", max_prompt_length=4 * args.prompt_tokens,
@@ -162,6 +166,12 @@ def fit_activations(cases: list[dict]) -> dict[str, float]:
     return {"a_bytes": a, "b_bytes_per_token": b, "c_bytes_per_token_layer": c}
 
 
+def lm_head_chunk_bytes(chunk_size: int) -> int:
+    """What one lm_head chunk holds in the backward: float32 logits, probabilities and their
+    gradient, [chunk_size, vocab] each."""
+    return 3 * chunk_size * VOCAB * 4
+
+
 def kv_bytes_per_token(shape: dict, layers: int, bytes_per_value: int = 2) -> int:
     return layers * 2 * shape["num_key_value_heads"] * shape["head_dim"] * bytes_per_value
 
@@ -179,7 +189,9 @@ def project(config_name: str, fit: dict[str, float]) -> dict:
     teacher_bytes = teacher_params * dtype_bytes[model.get("teacher_dtype") or model["dtype"]]
     tokens = model.get("micro_batch_tokens") or data["prompts_per_rollout"] * rollout["num_samples"] // data[
         "num_minibatches"] * (data["max_prompt_length"] + rollout["max_new_tokens"])
-    step = fit["a_bytes"] + tokens * (fit["b_bytes_per_token"] + REAL_LAYERS["student"] * fit["c_bytes_per_token_layer"])
+    chunk_change = lm_head_chunk_bytes(model.get("chunk_size", 1024)) - lm_head_chunk_bytes(fit["chunk_size"])
+    step = fit["a_bytes"] + chunk_change + tokens * (
+        fit["b_bytes_per_token"] + REAL_LAYERS["student"] * fit["c_bytes_per_token_layer"])
     rows = data["prompts_per_rollout"] * rollout["num_samples"]
     module = merged["model"]["class_path"].rsplit(".", 1)[-1]
     if module == "TeacherTopKLSM":  # the buffer's teacher top-K (float32 log-probs, int64 ids) for every row
@@ -226,6 +238,8 @@ def main() -> None:
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=128, help="lm_head positions per chunk (small, so that "
+                        "the per-token costs, not the fixed lm_head chunk, set the step's peak)")
     parser.add_argument("--model-dir", default=None, help="where the random-weight checkpoints go (default: a temp dir)")
     parser.add_argument("--project", metavar="CASES", help="no runs: fit and project from a file of case lines "
                         "(the JSON objects an earlier run printed to stderr, one a line)")
@@ -249,7 +263,7 @@ def main() -> None:
         for case in cases:
             command = [sys.executable, __file__, "--case", *map(str, case), "--model-dir", args.model_dir,
                        "--prompt-tokens", str(args.prompt_tokens), "--new-tokens", str(args.new_tokens),
-                       "--threads", str(args.threads)]
+                       "--threads", str(args.threads), "--chunk-size", str(args.chunk_size)]
             done = subprocess.run(command, capture_output=True, text=True)
             if done.returncode:
                 sys.exit(f"case {case} failed:\n{done.stderr[-3000:]}")
@@ -260,6 +274,7 @@ def main() -> None:
 
 def report(cases: list[dict], args) -> None:
     fit = fit_activations(cases)
+    fit["chunk_size"] = args.chunk_size
     print(json.dumps({
         "settings": {k: v for k, v in vars(args).items() if k not in ("case", "model_dir", "project")},
         "torch": torch.__version__,

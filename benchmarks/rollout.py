@@ -1,6 +1,7 @@
 """Rollout throughput: HF `generate` (dynamic cache), HF `generate` (static cache; on CUDA HF then
-compiles the forward itself) and the static-KV-cache engine (`StaticCacheEngine`: eager, and on CUDA
-also with CUDA graphs), on random-weight Qwen3 models, sampling at temperature 1 with no EOS so
+compiles the forward itself), the static-KV-cache engine (`StaticCacheEngine`: eager, and on CUDA
+also with CUDA graphs) and, where vLLM is installed, the vllm engine (`VLLMEngine`, in-process, built
+from the model saved to a temporary directory; its first call starts the engine), on random-weight Qwen3 models, sampling at temperature 1 with no EOS so
 that every row generates exactly `new_tokens` tokens.
 
 Shapes: "cpu" (4 layers, width 256, vocab 512, batch 64, prompt 32, 128 new tokens, float32) and
@@ -23,15 +24,18 @@ and every process's own figures under "runs".
 
     python benchmarks/rollout.py                                 # all shapes this machine can run
     python benchmarks/rollout.py --shapes cpu --rounds 3 --threads 2
+    .venv-vllm/bin/python benchmarks/rollout.py --shapes cpu --engines hf_dynamic static vllm
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import platform
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -59,9 +63,10 @@ SHAPES = {
         for batch in (64, 256)
     },
 }
+VLLM = ["vllm"] if importlib.util.find_spec("vllm") else []
 ENGINES = {
-    "cpu": ["hf_dynamic", "hf_static", "static"],
-    "cuda": ["hf_dynamic", "hf_static", "static", "static_cuda_graphs"],
+    "cpu": ["hf_dynamic", "hf_static", "static", *VLLM],
+    "cuda": ["hf_dynamic", "hf_static", "static", "static_cuda_graphs", *VLLM],
 }
 
 
@@ -89,9 +94,18 @@ def generate_fn(engine: str, model, ids, mask, new_tokens: int):
                 model.generate(input_ids=ids, attention_mask=mask.long(), generation_config=config)
 
         return run
-    static = StaticCacheEngine(cuda_graphs=engine == "static_cuda_graphs")
     sampling = SamplingConfig(max_new_tokens=new_tokens, temperature=1.0)
-    generator = torch.Generator(device=ids.device).manual_seed(0)
+    generator = torch.Generator(device="cpu" if engine == "vllm" else ids.device).manual_seed(0)
+    if engine == "vllm":  # the config has no EOS id, so every row runs to new_tokens
+        from lit_opd.rollout.vllm_engine import VLLMEngine, VLLMSettings
+
+        path = tempfile.mkdtemp(prefix="rollout_bench_")
+        model.save_pretrained(path)
+        share = 0.5 if ids.is_cuda else 0.1
+        vllm = VLLMEngine(path, VLLMSettings(gpu_memory_utilization=share, enable_sleep_mode=False,
+                                             max_model_len=ids.shape[1] + new_tokens))
+        return lambda: vllm.generate(model, ids, mask, sampling, [], 0, generator)
+    static = StaticCacheEngine(cuda_graphs=engine == "static_cuda_graphs")
     return lambda: static.generate(model, ids, mask, sampling, [], 0, generator)
 
 

@@ -8,6 +8,7 @@
   version directory).
 - `resume_layout` / `check_resume_layout`: the settings a checkpoint's rollout buffer and data
   position depend on; resuming with other values is refused.
+- `save_last_checkpoint`: `last.ckpt` written by the run itself before it stops on an error.
 - `gather_rank_states`: per-rank state (each rank's rollout buffer and sampling generator) brought
   to rank 0, which alone writes the checkpoint.
 """
@@ -94,6 +95,19 @@ def one_line(error: BaseException) -> str:
 
 
 # ------------------------------------------------------------------------- ckpt_path="last"
+def save_last_checkpoint(trainer) -> str:
+    """Write `last.ckpt` beside the run's other checkpoints (its ModelCheckpoint's directory, else
+    <default_root_dir>/checkpoints), where `--ckpt_path last` finds it; a collective. Called in a
+    training step before it changed anything, it is the last finished step's: resuming re-runs the
+    step. Returns its path."""
+    callback = trainer.checkpoint_callback
+    directory = callback.dirpath if callback is not None and callback.dirpath else os.path.join(
+        trainer.default_root_dir, "checkpoints")
+    path = os.path.join(directory, "last.ckpt")
+    trainer.save_checkpoint(path)
+    return path
+
+
 def find_last_checkpoint(trainer, continue_run: bool) -> str | None:
     """The newest `last*.ckpt` that `ckpt_path="last"` means: in a ModelCheckpoint's `dirpath` if
     it has one; else, where checkpoints go under the logger (`<save_dir>/<name>/version_N/

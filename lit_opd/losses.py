@@ -214,6 +214,15 @@ def generalized_jsd(
     return _jsd(log_student, log_teacher, beta).masked_fill(~mask, 0.0)
 
 
+def truncated_importance_weight(old_logp: Tensor, rollout_logp: Tensor, mask: Tensor, cap: float) -> Tensor:
+    """w_t = min(π_old(y_t) / π_rollout(y_t), C): the per-token correction for a rollout engine
+    whose probabilities differ from the trainer's (as verl's rollout correction), sg, 0 off the mask.
+    old_logp, rollout_logp, mask: [B, T]; cap C > 0."""
+    check_same_shape("mask", mask.shape, old_logp=old_logp, rollout_logp=rollout_logp)
+    log_ratio = _zero_padding(mask, (old_logp - rollout_logp).detach())
+    return _zero_padding(mask, torch.exp(log_ratio.clamp(max=math.log(cap))))
+
+
 def gated_reduce(
     position_loss: Tensor,
     gates: Sequence[Tensor],

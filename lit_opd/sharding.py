@@ -20,6 +20,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import (
     FSDPModule,
     FullyShardedDataParallel,
@@ -98,21 +99,24 @@ def wrap_scorer_fsdp1(scorer: nn.Module, strategy) -> FullyShardedDataParallel:
     )
 
 
-def shard_scorers(module, policy: nn.Module, teacher: nn.Module, shard_teacher: bool) -> tuple[nn.Module, nn.Module]:
+def shard_scorers(module, policy: nn.Module, teacher: nn.Module | None, shard_teacher: bool) -> tuple[nn.Module, nn.Module]:
     """The student and teacher scorers of the LightningModule `module` sharded for its trainer's
     strategy: FSDP2 (`ModelParallelStrategy`): `shard_scorer` on its device mesh, mixed precision
     from trainer.precision; FSDP1 (`FSDPStrategy`): `wrap_scorer_fsdp1` with the strategy's
     settings. The teacher is sharded like the student with `shard_teacher`, else kept whole on
-    every rank. Returns (policy, teacher): FSDP1 wraps, FSDP2 shards in place."""
+    every rank (None: a teacher outside the trainer). Returns (policy, teacher): FSDP1 wraps, FSDP2
+    shards in place."""
     strategy = module.trainer.strategy
     if isinstance(strategy, FSDPStrategy):
         policy = wrap_scorer_fsdp1(policy, strategy)
+        if teacher is None:
+            return policy, None
         if shard_teacher:
             return policy, wrap_scorer_fsdp1(teacher, strategy)
         return policy, teacher.to(strategy.root_device)  # FSDPStrategy moves no module itself
     mesh, mp_policy = fsdp_mesh(module.device_mesh), mixed_precision_policy(module.trainer.precision)
     shard_scorer(policy, mesh, mp_policy)
-    if shard_teacher:
+    if teacher is not None and shard_teacher:
         shard_scorer(teacher, mesh, mp_policy)
     return policy, teacher
 
@@ -134,6 +138,14 @@ def gradient_sync(scorer: nn.Module, enabled: bool):
 
 def is_sharded(module: nn.Module) -> bool:
     return isinstance(module, (FSDPModule, FullyShardedDataParallel))
+
+
+def full_tensors(model: nn.Module):
+    """(name, whole tensor) of each entry of `model`'s state dict, a sharded one (FSDP2's DTensor)
+    gathered one at a time, so that no rank ever holds a whole copy of the model beside its shard.
+    A collective per sharded tensor: every rank iterates to the end, in the same order."""
+    for name, tensor in model.state_dict().items():
+        yield name, (tensor.full_tensor() if isinstance(tensor, DTensor) else tensor).detach()
 
 
 @contextmanager

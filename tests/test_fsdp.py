@@ -39,7 +39,7 @@ from lit_opd.cli import main
 from lit_opd.logprobs import CausalLMScorer
 from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig
 from lit_opd.rollout.static_cache import StaticCacheEngine
-from lit_opd.sharding import gathered, shard_scorer
+from lit_opd.sharding import full_tensors, gathered, shard_scorer
 
 ROOT = Path(__file__).resolve().parents[1]
 OVERRIDES = str(ROOT / "tests" / "data" / "tiny_overrides.yaml")
@@ -318,6 +318,30 @@ def gathered_worker(rank: int, world: int, port: int, checkpoint: str) -> None:
         assert logp.shape == (2, 2) and torch.isfinite(logp).all()
     finally:
         dist.destroy_process_group()
+
+
+def full_tensors_worker(rank: int, world: int, port: int, checkpoint: str) -> None:
+    """One of two gloo ranks: `full_tensors` of a sharded student gives every state-dict entry whole
+    and plain (what the vllm engine loads), and leaves the student sharded."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(checkpoint)
+        whole = {name: value.clone() for name, value in model.state_dict().items()}
+        scorer = CausalLMScorer(model)
+        shard_scorer(scorer, init_device_mesh("cpu", (world,)), MixedPrecisionPolicy())
+        pushed = dict(full_tensors(model))
+        assert pushed.keys() == whole.keys()
+        for name, value in pushed.items():
+            assert not isinstance(value, DTensor), name
+            torch.testing.assert_close(value, whole[name], rtol=0, atol=0, msg=name)
+        assert all(isinstance(p, DTensor) for p in scorer.parameters())
+    finally:
+        dist.destroy_process_group()
+
+
+def test_full_tensors_of_a_sharded_student_are_its_whole_weights(tiny_checkpoints):
+    mp.spawn(full_tensors_worker, args=(2, free_port(), tiny_checkpoints["student"]), nprocs=2, join=True)
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_opd.losses import gated_reduce, generalized_jsd, sampled_token_opd, topk_lsm
+from lit_opd.losses import gated_reduce, generalized_jsd, sampled_token_opd, topk_lsm, truncated_importance_weight
 
 NAN, INF = float("nan"), float("inf")
 DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
@@ -608,3 +608,15 @@ def test_sign_gated_topk_target_is_detached_from_the_student():
     fixed = student.detach().clone().requires_grad_()
     (expected,) = torch.autograd.grad(topk_lsm(fixed, target, mask, "forward_kl").sum(), fixed)
     torch.testing.assert_close(grad, expected)
+
+
+def test_truncated_importance_weight_hand_values():
+    """w = min(exp(log π_old − log π_rollout), C), 0 off the mask, whatever the padding holds."""
+    old = torch.tensor([[-1.0, -2.0, -0.5], [-3.0, float("nan"), 0.0]])
+    rollout = torch.tensor([[-1.5, -1.0, -0.5], [-1.0, 0.0, float("inf")]])
+    mask = torch.tensor([[True, True, True], [True, False, False]])
+    weight = truncated_importance_weight(old, rollout, mask, cap=1.5)
+    expected = torch.tensor([[1.5, math.exp(-1.0), 1.0], [math.exp(-2.0), 0.0, 0.0]])
+    torch.testing.assert_close(weight, expected)
+    logp = torch.zeros(2, 3, requires_grad=True)
+    assert not truncated_importance_weight(logp, rollout.nan_to_num(), mask, cap=2.0).requires_grad

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +23,7 @@ from lit_opd.cli import main
 from lit_opd.data.prompts import PromptDataModule
 from lit_opd.gates import DriftGate
 from lit_opd.modules import OptimConfig, RolloutConfig, SampledTokenOPD, TeacherTopKLSM
+from lit_opd.rollout.teacher_engines import TeacherServing, TeacherUnreachable
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_STEPS = 6
@@ -187,12 +189,14 @@ class Losses(L.Callback):
                           batch["minibatch_index"], float(outputs["loss"])))
 
 
-def python_api_fit(checkpoints, inputs, out: Path, max_steps: int, ckpt_path=None, micro_batch_tokens: int = 0):
+def python_api_fit(checkpoints, inputs, out: Path, max_steps: int, ckpt_path=None, micro_batch_tokens: int = 0,
+                   teacher_url: str | None = None):
     """SampledTokenOPD with a Block gate, 2 rollout batches per epoch of 4 optimiser steps each
     (reuse 2 × 2 mini-batches): an epoch is 8 optimiser steps."""
     module = SampledTokenOPD(student=checkpoints["student"], teacher=checkpoints["teacher"], dtype="float32",
                              rollout=RolloutConfig(num_samples=2, max_new_tokens=8), optim=OptimConfig(lr=1e-2),
-                             gates=[DriftGate(block_size=4)], micro_batch_tokens=micro_batch_tokens)
+                             gates=[DriftGate(block_size=4)], micro_batch_tokens=micro_batch_tokens,
+                             teacher_url=teacher_url, teacher_serving=TeacherServing(retries=2, backoff_s=0.01))
     data = PromptDataModule(checkpoints["student"], str(inputs / "train.jsonl"), instruction="", max_prompts=4,
                             prompts_per_rollout=2, reuse=2, num_minibatches=2)
     losses = Losses()
@@ -239,6 +243,29 @@ def test_a_run_resumes_with_a_smaller_micro_batch_budget(straight_python_api_run
     expected = torch.load(straight_step8, weights_only=False)["state_dict"]
     for name, weight in expected.items():
         torch.testing.assert_close(final["state_dict"][name], weight, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_an_unreachable_teacher_server_stops_the_run_after_a_checkpoint_that_loses_nothing(
+        straight_python_api_run, tiny_checkpoints, inputs, tmp_path):
+    """Resumed at step 4 (it opens rollout batch 1) with a teacher server that refuses connections:
+    the run stops with a one-line error naming the server and the checkpoint it wrote, after its
+    retries; that checkpoint, resumed with the teacher back, continues like the uninterrupted run
+    (the rollouts drawn before the failure are drawn again)."""
+    straight_rows, straight_final, straight_dir = straight_python_api_run
+    [step4] = straight_dir.glob("*step=4.ckpt")
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    with pytest.raises(TeacherUnreachable) as error:
+        python_api_fit(tiny_checkpoints, inputs, tmp_path / "stopped", max_steps=10, ckpt_path=step4, teacher_url=url)
+    message = str(error.value)
+    assert "\n" not in message and url in message and "3 tries" in message and "--ckpt_path last" in message
+    written = tmp_path / "stopped" / "last.ckpt"
+    assert str(written) in message and torch.load(written, weights_only=False)["global_step"] == 4
+    rows, final = python_api_fit(tiny_checkpoints, inputs, tmp_path / "resumed", max_steps=10, ckpt_path=written)
+    assert rows == straight_rows[4:]
+    for name, weight in straight_final["state_dict"].items():
+        assert torch.equal(final["state_dict"][name], weight), name
 
 
 # ----------------------------------------------------------------------- atomic writes

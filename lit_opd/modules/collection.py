@@ -6,6 +6,8 @@ log-probs of the student, teacher log-probs and top-K) once per rollout batch.
 """
 
 import time
+from contextlib import nullcontext
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -17,6 +19,7 @@ from lit_opd.modules.settings import RolloutConfig
 from lit_opd.modules.teacher_sampling import PhasedTeacherSampling, pad_columns
 from lit_opd.rollout.buffer import split_rows
 from lit_opd.rollout.engine import Generation, SamplingConfig, build_engine, ended
+from lit_opd.rollout.teacher_engines import ServerTeacher, VLLMTeacher
 from lit_opd.sharding import gathered
 from lit_opd.verify import Verifier
 
@@ -67,15 +70,15 @@ class RolloutCollector:
         self, scorer: CausalLMScorer, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig,
         generator: torch.Generator,
     ) -> Generation:
-        """Sample responses with `scorer`'s model in eval mode, gathered if sharded, at most
-        rollout.generate_batch_size rows per engine call (its KV cache; a paged engine takes all).
-        [B, P] → Generation."""
+        """Sample responses with `scorer`'s model in eval mode, at most rollout.generate_batch_size
+        rows per engine call (its KV cache). A paged engine (vLLM) takes every row and the weights
+        one tensor at a time; the others run the model itself, gathered if sharded. [B, P] → Generation."""
         model = scorer.model
         was_training = model.training
         model.eval()
         size = prompt_ids.shape[0] if self.engine.paged else self.rollout.generate_batch_size or prompt_ids.shape[0]
         try:
-            with torch.no_grad(), gathered(scorer):
+            with torch.no_grad(), nullcontext() if self.engine.paged else gathered(scorer):
                 parts = [self.engine.generate(model, prompt_ids[i : i + size], prompt_mask[i : i + size], sampling,
                                               self.eos_ids, self.tokenizer.pad_token_id, generator)
                          for i in range(0, prompt_ids.shape[0], size)]
@@ -123,6 +126,20 @@ class RolloutCollector:
                 scatter_rows(full, part, value)
         return out
 
+    def score_teacher(self, teacher, rows: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The teacher's log-probs of `rows`' responses (and its top-K support): in the trainer
+        (`score`), or by a teacher engine outside it, all rows at once."""
+        if isinstance(teacher, (VLLMTeacher, ServerTeacher)):
+            return teacher.score(rows, self.teacher_top_k, set(self.support_exclude.tolist()))
+        return self.score(teacher, rows, self.teacher_top_k)
+
+    def generate_teacher(self, teacher, prompt_ids: Tensor, prompt_mask: Tensor, generator: torch.Generator) -> Generation:
+        """Teacher rollouts (phased teacher sampling), in the trainer or by its engine outside it."""
+        if isinstance(teacher, (VLLMTeacher, ServerTeacher)):
+            return teacher.generate(prompt_ids, prompt_mask, self.rollout.sampling(), self.eos_ids,
+                                    self.tokenizer.pad_token_id, generator)
+        return self.generate(teacher, prompt_ids, prompt_mask, self.rollout.sampling(), generator)
+
     def rollout_rows(self, batch: dict, policy: CausalLMScorer, generator: torch.Generator):
         """`num_samples` student responses per prompt of `batch`, laid out as rows: (rows,
         reference answers per row, the generation)."""
@@ -138,7 +155,7 @@ class RolloutCollector:
             "response_mask": generation.response_mask,
             "from_teacher": torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device),
         }
-        if self.rollout.engine == "vllm" and self.phases is None:  # for rollout/logp_mismatch
+        if self.rollout.engine == "vllm":  # rollout/logp_mismatch and the truncated importance weight
             rows["rollout_logp"] = generation.logp
         return rows, answers, generation
 
@@ -154,11 +171,11 @@ class RolloutCollector:
         if self.verdicts:
             rows["correct"] = self.verify(rows["response_ids"], rows["response_mask"], answers)
         if self.phases is not None:
-            def generate_teacher(ids: Tensor, mask: Tensor) -> Generation:
-                return self.generate(teacher, ids, mask, self.rollout.sampling(), generator)
-
+            generate_teacher = partial(self.generate_teacher, teacher, generator=generator)
             rows, stats = self.phases.mix(step, batch, rows, self.rollout.num_samples, generator, generate_teacher,
                                           self.verify, self.tokenizer.pad_token_id)
+            if "rollout_logp" in rows:  # the mixed rows may be wider; teacher rows' values are not used
+                rows["rollout_logp"] = pad_columns(rows["rollout_logp"], rows["response_ids"].shape[1], 0.0)
         verified = time.perf_counter()
         order = torch.randperm(rows["input_ids"].shape[0], generator=generator)
         minibatches = split_rows(rows, order, batch["num_minibatches"])
@@ -167,7 +184,7 @@ class RolloutCollector:
             mb["old_logp"] = self.score(policy, mb)["logp"]
         t3 = time.perf_counter()
         for mb in minibatches:
-            scores = self.score(teacher, mb, self.teacher_top_k)
+            scores = self.score_teacher(teacher, mb)
             mb["teacher_logp"] = scores["logp"]
             if self.teacher_top_k:
                 mb["teacher_topk_logp"], mb["teacher_topk_ids"] = scores["topk_logp"], scores["topk_ids"]

@@ -21,6 +21,9 @@ class GKD(DistillationModule):
         if not 0.0 <= beta <= 1.0:
             raise ValueError(f"model.beta must be in [0, 1], got {beta}")
         super().__init__(**kwargs)
+        if self.teacher_outside:
+            raise ValueError("GKD's full-vocabulary divergence needs the teacher's logits in the trainer: leave "
+                             "model.teacher_engine at trainer and model.teacher_url unset")
         self.beta, self.temperature = beta, temperature
 
     def configure_model(self) -> None:

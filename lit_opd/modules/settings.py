@@ -8,6 +8,7 @@ from typing import Literal
 import torch
 
 from lit_opd.rollout.engine import EngineName, SamplingConfig
+from lit_opd.rollout.teacher_engines import TeacherServing
 from lit_opd.rollout.vllm_engine import VLLMSettings
 
 DType = Literal["float32", "bfloat16", "float16"]
@@ -76,4 +77,4 @@ class OptimConfig:
 
 
 # Hyperparameters of modules built in Python hold these; checkpoints load with weights_only=True.
-torch.serialization.add_safe_globals([RolloutConfig, OptimConfig, VLLMSettings])
+torch.serialization.add_safe_globals([RolloutConfig, OptimConfig, VLLMSettings, TeacherServing])

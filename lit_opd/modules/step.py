@@ -7,7 +7,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from lit_opd.losses import Reduction, gated_reduce
+from lit_opd.losses import Reduction, gated_reduce, truncated_importance_weight
 
 
 def all_reduce_sum(tensor: Tensor, device: torch.device) -> Tensor:
@@ -153,4 +153,31 @@ def teacher_row_logs(mb: dict[str, Tensor], gate: Tensor, position_loss: Tensor)
         weighted = (gate * position_loss.detach()).abs() * mask
         logs["train/teacher_rows/advantage_mean"] = masked_mean(advantage, teacher_tokens)
         logs["train/teacher_rows/loss_share"] = weighted[rows].sum() / weighted.sum().clamp(min=1e-30)
+    return logs
+
+
+def importance_weight(mb: dict[str, Tensor], cap: float | None) -> Tensor | float:
+    """The truncated importance weight min(π_old/π_rollout, C) of each sampled token
+    (`losses.truncated_importance_weight`; C = rollout.vllm.importance_cap); 1 on teacher rows,
+    and everywhere without a cap or without the rollout engine's log-probs (`rollout_logp`)."""
+    if cap is None or "rollout_logp" not in mb:
+        return 1.0
+    weight = truncated_importance_weight(mb["old_logp"], mb["rollout_logp"], mb["response_mask"], cap)
+    teacher_rows = mb.get("from_teacher")
+    return weight if teacher_rows is None else torch.where(teacher_rows[:, None], 1.0, weight)
+
+
+def rollout_logs(mb: dict[str, Tensor], cap: float | None) -> dict[str, Tensor]:
+    """On student rows, the rollout engine's log π of the sampled tokens against the trainer's with
+    the same weights (rollout/logp_mismatch: mean |log π_rollout − log π_old|) and, with a cap, the
+    mean truncated importance weight. {} without the engine's log-probs."""
+    if "rollout_logp" not in mb:
+        return {}
+    mask = mb["response_mask"]
+    teacher_rows = mb.get("from_teacher")
+    if teacher_rows is not None:
+        mask = mask & ~teacher_rows[:, None]
+    logs = {"rollout/logp_mismatch": masked_mean((mb["rollout_logp"] - mb["old_logp"]).abs(), mask)}
+    if cap is not None:
+        logs["rollout/importance_weight_mean"] = masked_mean(importance_weight(mb, cap), mask)
     return logs

