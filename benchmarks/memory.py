@@ -13,17 +13,19 @@ since a process's peak resident set never falls: the peak of the case is its own
 and 128 rows with `--budget` tokens per micro-batch and without a budget, and 64 rows without a
 budget at 2·`--layers` layers (the per-layer cost).
 
-Per case: peak_rss_bytes, rolled_out_bytes (the peak after generation and scoring), tokens
+Per case: peak_rss_bytes, rolled_out_bytes (the peak after generation and scoring),
+step_growth_bytes (the resident set's growth from the step's start to its peak before AdamW's
+update: gradients and activations; the peak is reset at the step's start, /proc/self/clear_refs), tokens
 (padded tokens of the step), micro_batches, micro_batch_tokens_max, step_s (forward + backward
 per micro-batch + AdamW, the rollout excluded). The
 checkpoints are written before the cases, so that no case's peak holds their creation.
 
-Projection (`projection`): the step's activation peak (the peak over the rolled-out one, less the
-student's gradients) is fitted as a + tokens·(b + layers·c) (bytes; a: the
-lm_head chunk (`--chunk-size` positions, 128 by default so that the per-token costs show) and fixed
-buffers, b: per token outside the layers, c: per token and layer, float32
-on this CPU; a config's own chunk_size replaces the rehearsal's in a, `lm_head_chunk_bytes`; under bf16-mixed the checkpointed residual stream stays float32,
-so these are used as measured). For each shipped paper config, at real depth (28 layers; the
+Projection (`projection`): the step's activations (step_growth_bytes less the student's
+gradients) as max(fixed, tokens·(b + layers·c)), `activation_costs` (fixed: the vocabulary-sized
+buffers, with the lm_head chunk of `--chunk-size` positions, 128 by default so that the per-token
+costs show, and a config's own chunk_size put in its place, `lm_head_chunk_bytes`; c: the
+checkpointed float32 layer input; b: the rest per token; float32 on this CPU; under bf16-mixed the
+checkpointed residual stream stays float32 and the rest is smaller, so these are used as measured). For each shipped paper config, at real depth (28 layers; the
 teacher's 36), peak GPU memory on one GPU and per GPU under FSDP2 on 8 is
   persistent (student: 16 bytes/parameter in float32 with AdamW, teacher at its dtype;
   under FSDP2 both divided by 8) + max(training step, generation, evaluation)
@@ -34,7 +36,7 @@ evaluation the same at PassAtKEvaluation's batch_size. Only sampled-token OPD is
 Teacher-TopK adds its buffered top-K and GKD the teacher's hidden states and lm_head chunk in the
 step, counted from their shapes.
 
-    python benchmarks/memory.py                              # every case (~45 min on 2 cores)
+    python benchmarks/memory.py                              # every case (~30 min on 2 cores)
     python benchmarks/memory.py --rows 32 --budget 4096      # fewer cases
 """
 
@@ -75,6 +77,18 @@ def parameter_count(shape: dict, layers: int) -> int:
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def status_bytes(field: str) -> int:
+    """VmRSS (now) or VmHWM (peak since the last `reset_peak`) of this process, in bytes."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) * 1024 for line in status if line.startswith(field + ":"))
+
+
+def reset_peak() -> None:
+    """Set this process's peak resident set (VmHWM) to its resident set now (Linux)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
 
 
 def save_models(directory: Path, layers: int) -> dict[str, str]:
@@ -125,6 +139,12 @@ def run_case(rows: int, budget: int, layers: int, args) -> dict:
         def fill_buffer(self, batch):
             super().fill_buffer(batch)
             marks["rolled_out"], marks["rolled_out_at"] = peak_rss(), time.perf_counter()
+            marks["step_start_rss"] = status_bytes("VmRSS")
+            reset_peak()
+
+        def optimizer_step(self):
+            marks["step_peak"] = status_bytes("VmHWM")  # the forwards and backwards, before AdamW
+            super().optimizer_step()
 
     paths = save_models(Path(args.model_dir), layers)
     samples = 8
@@ -149,21 +169,27 @@ def run_case(rows: int, budget: int, layers: int, args) -> dict:
         "micro_batches": len(parts),
         "peak_rss_bytes": peak_rss(),
         "rolled_out_bytes": int(marks["rolled_out"]),
+        "step_growth_bytes": int(marks["step_peak"] - marks["step_start_rss"]),
         "step_s": round(marks["step_s"], 2),
     }
 
 
-def fit_activations(cases: list[dict]) -> dict[str, float]:
-    """Least squares of the step's activations, a + tokens·(b + layers·c), over the cases without a
-    budget (tokens = the step's padded tokens): the peak over the rolled-out one (which holds
-    AdamW's moments already), less the student's gradients (4 bytes a parameter, counted apart in
-    the projection)."""
-    unbudgeted = [c for c in cases if c["budget"] == 0]
-    X = torch.tensor([[1.0, c["tokens"], c["tokens"] * c["layers"]] for c in unbudgeted], dtype=torch.float64)
-    y = torch.tensor([float(c["peak_rss_bytes"] - c["rolled_out_bytes"] - 4 * parameter_count(STUDENT, c["layers"]))
-                      for c in unbudgeted], dtype=torch.float64)
-    a, b, c = torch.linalg.lstsq(X, y[:, None]).solution.squeeze(1).tolist()
-    return {"a_bytes": a, "b_bytes_per_token": b, "c_bytes_per_token_layer": c}
+def activation_costs(cases: list[dict]) -> dict[str, float]:
+    """The step's activations (step_growth_bytes less the student's gradients, 4 bytes a parameter,
+    counted apart in the projection) as max(fixed, tokens·(b + layers·c)), two phases of the step:
+    fixed: the vocabulary-sized buffers (lm_head chunk, the tied embedding's gradient in float32 and
+        its accumulation), which set the peak of every budgeted case (their micro-batches are small);
+    c: what gradient checkpointing keeps per token and layer, the layer's float32 input (4·hidden);
+    b: per token outside that (the recomputed layer, the final hidden states), from the unbudgeted
+        case with the most tokens, its intercept taken as 0: an upper bound."""
+    def activations(case: dict) -> float:
+        return case["step_growth_bytes"] - 4 * parameter_count(STUDENT, case["layers"])
+
+    fixed = max(activations(c) for c in cases if c["budget"] > 0)
+    largest = max((c for c in cases if c["budget"] == 0), key=lambda c: c["tokens"])
+    c = 4 * STUDENT["hidden_size"]
+    return {"fixed_bytes": fixed, "b_bytes_per_token": activations(largest) / largest["tokens"] - largest["layers"] * c,
+            "c_bytes_per_token_layer": c}
 
 
 def lm_head_chunk_bytes(chunk_size: int) -> int:
@@ -190,8 +216,8 @@ def project(config_name: str, fit: dict[str, float]) -> dict:
     tokens = model.get("micro_batch_tokens") or data["prompts_per_rollout"] * rollout["num_samples"] // data[
         "num_minibatches"] * (data["max_prompt_length"] + rollout["max_new_tokens"])
     chunk_change = lm_head_chunk_bytes(model.get("chunk_size", 1024)) - lm_head_chunk_bytes(fit["chunk_size"])
-    step = fit["a_bytes"] + chunk_change + tokens * (
-        fit["b_bytes_per_token"] + REAL_LAYERS["student"] * fit["c_bytes_per_token_layer"])
+    step = max(fit["fixed_bytes"] + chunk_change,
+               tokens * (fit["b_bytes_per_token"] + REAL_LAYERS["student"] * fit["c_bytes_per_token_layer"]))
     rows = data["prompts_per_rollout"] * rollout["num_samples"]
     module = merged["model"]["class_path"].rsplit(".", 1)[-1]
     if module == "TeacherTopKLSM":  # the buffer's teacher top-K (float32 log-probs, int64 ids) for every row
@@ -273,7 +299,7 @@ def main() -> None:
 
 
 def report(cases: list[dict], args) -> None:
-    fit = fit_activations(cases)
+    fit = activation_costs(cases)
     fit["chunk_size"] = args.chunk_size
     print(json.dumps({
         "settings": {k: v for k, v in vars(args).items() if k not in ("case", "model_dir", "project")},

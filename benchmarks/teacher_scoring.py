@@ -1,6 +1,7 @@
 """Teacher scoring throughput: the log-probs of every response token and the teacher's top-K support
 at every response position, for one rollout batch, three ways:
-  trainer   the teacher in the trainer (`CausalLMScorer`, no-grad forward, chunked top-K);
+  trainer   the teacher in the trainer (`CausalLMScorer`, no-grad forward, chunked top-K,
+            `--trainer-rows` rows a forward as a token budget would cut them);
   vllm      a colocated vLLM engine (`VLLMTeacher`, prompt log-probs);
   server    a `vllm serve` process started here, over HTTP (`ServerTeacher`, JSON prompt log-probs).
 On a random-weight Qwen3 saved to a temporary directory. The ways take turns `rounds` times; each
@@ -8,7 +9,7 @@ round scores the batch once. Prints one JSON object: per way the best tokens/s (
 scored per wall second) and its ratio to the trainer's. Needs vLLM (run it in .venv-vllm):
 
     .venv-vllm/bin/python benchmarks/teacher_scoring.py                       # CPU shape
-    python benchmarks/teacher_scoring.py --shape qwen3-1.7b --rows 256 --ways trainer vllm server   # a GPU
+    python benchmarks/teacher_scoring.py --shape qwen3-4b --rows 256 --trainer-rows 8   # a GPU (the paper's teacher)
 """
 
 import argparse
@@ -32,9 +33,9 @@ SHAPES = {
     "cpu": dict(config=dict(vocab_size=512, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2, head_dim=64, tie_word_embeddings=False),
                 dtype="float32", prompt_len=32, response_len=128),
-    "qwen3-1.7b": dict(config=dict(vocab_size=151936, hidden_size=2048, intermediate_size=6144, num_hidden_layers=28,
-                                   num_attention_heads=16, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
-                       dtype="bfloat16", prompt_len=1024, response_len=3072),
+    "qwen3-4b": dict(config=dict(vocab_size=151936, hidden_size=2560, intermediate_size=9728, num_hidden_layers=36,
+                                 num_attention_heads=32, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True),
+                     dtype="bfloat16", prompt_len=1024, response_len=3072),
 }
 
 
@@ -74,6 +75,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--top-k", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--trainer-rows", type=int, default=16, help="rows per trainer forward")
     parser.add_argument("--ways", nargs="+", choices=["trainer", "vllm", "server"], default=["trainer", "vllm", "server"])
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
@@ -89,7 +91,12 @@ def main() -> None:
     scorers, server = {}, None
     if "trainer" in args.ways:
         model = CausalLMScorer(Qwen3ForCausalLM.from_pretrained(path, dtype=getattr(torch, shape["dtype"])).to(device).eval())
-        scorers["trainer"] = lambda: model(rows["input_ids"], rows["attention_mask"], shape["response_len"], top_k=args.top_k)
+        def score_in_trainer():
+            for i in range(0, args.rows, args.trainer_rows):
+                part = slice(i, i + args.trainer_rows)
+                model(rows["input_ids"][part], rows["attention_mask"][part], shape["response_len"], top_k=args.top_k)
+
+        scorers["trainer"] = score_in_trainer
     if "vllm" in args.ways:
         colocated = VLLMTeacher(path, settings, args.top_k)
         scorers["vllm"] = lambda: colocated.score(rows, args.top_k, set())

@@ -39,10 +39,12 @@ PROMPTS = 8
 
 def save_models(directory: Path) -> dict[str, str]:
     """Random-weight student and teacher with the tokenizer's exact vocabulary (no padding rows for
-    random weights to sample), saved with the tokenizer."""
+    random weights to sample), saved with the tokenizer. Their generation config stops at lit_opd's
+    EOS ids (<|im_end|> and <|endoftext|>), which TRL reads from it: both sides stop alike."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     from lit_opd.data.char_tokenizer import build_char_tokenizer
+    from lit_opd.data.templates import eos_token_ids
 
     tokenizer = build_char_tokenizer()
     paths = {}
@@ -51,7 +53,7 @@ def save_models(directory: Path) -> dict[str, str]:
         config = Qwen3Config(vocab_size=len(tokenizer), hidden_size=256, intermediate_size=1024, num_hidden_layers=layers,
                              num_attention_heads=4, num_key_value_heads=2, head_dim=64, max_position_embeddings=512,
                              tie_word_embeddings=False,
-                             bos_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                             bos_token_id=tokenizer.pad_token_id, eos_token_id=eos_token_ids(tokenizer),
                              pad_token_id=tokenizer.pad_token_id)
         torch.manual_seed(seed)
         Qwen3ForCausalLM(config).save_pretrained(path)
