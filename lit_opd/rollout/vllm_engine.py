@@ -51,8 +51,10 @@ class VLLMSettings:
 
 
 def import_vllm():
-    """vllm, or a one-line error naming the extra that installs it."""
+    """vllm, or a one-line error naming the extra that installs it. vLLM runs in this process and
+    logs to stderr (its default, stdout, would mix with what lit-opd prints)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")
     try:
         import vllm
     except ImportError as error:
