@@ -18,9 +18,13 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (pi
 
 @pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed")
 def test_without_vllm_the_engine_is_a_one_line_error_naming_the_extra():
-    with pytest.raises(ImportError, match=r'pip install "lit-opd\[vllm\]"') as error:
-        build_engine("vllm", "some/student")
-    assert "\n" not in str(error.value)
+    from lit_opd.rollout.teacher_engines import TeacherServing, build_teacher_engine
+
+    for build in (lambda: build_engine("vllm", "some/student"),
+                  lambda: build_teacher_engine(None, "some/teacher", TeacherServing(), 32, "bfloat16")):
+        with pytest.raises(ImportError, match=r'pip install "lit-opd\[vllm\]"') as error:
+            build()
+        assert "\n" not in str(error.value)
 
 
 def tiny_checkpoint(path, tokenizer, tied: bool, seed: int = 0) -> str:
@@ -236,3 +240,39 @@ def test_fit_with_the_teacher_outside_the_trainer(config, where, teacher_server,
                   f"--model.init_args.rollout.vllm.kv_cache_memory_bytes={2**27}",
                   "--model.init_args.rollout.vllm.max_model_len=256", "--model.init_args.rollout.vllm.importance_cap=2.0",
                   *teacher, tags={"rollout/logp_mismatch", "rollout/importance_weight_mean"})
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_fit_on_two_processes_each_with_its_own_engine(checkpoints, tmp_path):
+    """`lit-opd fit` under FSDP2 on 2 gloo processes with rollout.engine vllm: each rank runs its own
+    engine (vLLM's external_launcher backend), the sharded student's weights reach it one tensor at a
+    time, and its log-probs agree with the trainer's on both rollout batches (rollout/logp_mismatch,
+    rank 0)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers_cli import OVERRIDES, ROOT, tiny_args
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(8)))
+    models = {"student": checkpoints[True], "teacher": checkpoints[False]}
+    command = [sys.executable, "-m", "lit_opd", "fit", "--config", "opd", "--config", OVERRIDES,
+               *tiny_args(models, str(data), "--model.init_args.rollout.engine=vllm",
+                          f"--model.init_args.rollout.vllm.kv_cache_memory_bytes={2**27}",
+                          "--model.init_args.rollout.vllm.max_model_len=256", "--data.prompts_per_rollout=1",
+                          "--trainer.logger=lightning.pytorch.loggers.TensorBoardLogger",
+                          f"--trainer.logger.init_args.save_dir={tmp_path / 'tb'}", "--trainer.logger.init_args.name=run",
+                          "--trainer.logger.init_args.version=0", "--trainer.log_every_n_steps=1"),
+               "--trainer.accelerator=cpu", "--trainer.devices=2", "--trainer.strategy=strategies/fsdp2_cpu"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    events = EventAccumulator(str(tmp_path / "tb" / "run" / "version_0"))
+    events.Reload()
+    mismatch = [event.value for event in events.Scalars("rollout/logp_mismatch")]
+    assert len(mismatch) == 2 and max(mismatch) < 1e-4

@@ -125,8 +125,15 @@ class VLLMEngine(RolloutEngine):
 def start_llm(model_path: str, dtype: str, gpu_memory_utilization: float, max_model_len: int | None,
               enforce_eager: bool, **engine_args):
     """An in-process `vllm.LLM` over `model_path` that takes token ids (no tokenizer) and returns
-    log-probs of the untempered model (`logprobs_mode="raw_logprobs"`); eager off CUDA."""
+    log-probs of the untempered model (`logprobs_mode="raw_logprobs"`); eager off CUDA. In a run of
+    several processes each rank has its own engine on vLLM's `external_launcher` backend, which
+    joins the process group the trainer started instead of starting one."""
     vllm = import_vllm()
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        os.environ.setdefault("RANK", str(torch.distributed.get_rank()))
+        os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+        os.environ.setdefault("WORLD_SIZE", str(torch.distributed.get_world_size()))
+        engine_args["distributed_executor_backend"] = "external_launcher"
     return vllm.LLM(
         model=model_path, skip_tokenizer_init=True, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len, enforce_eager=enforce_eager or not torch.cuda.is_available(),
