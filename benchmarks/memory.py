@@ -57,6 +57,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lit_opd.configs import shipped_configs
 from lit_opd.data.char_tokenizer import build_char_tokenizer
+from lit_opd.modules.settings import frozen_teacher_dtype
 
 VOCAB = 151_936
 STUDENT = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
@@ -212,7 +213,8 @@ def project(config_name: str, fit: dict[str, float]) -> dict:
     student_params = parameter_count(STUDENT, REAL_LAYERS["student"])
     teacher_params = parameter_count(TEACHER, REAL_LAYERS["teacher"])
     student_bytes = student_params * (dtype_bytes[model["dtype"]] * 2 + 8)  # weights, gradients, AdamW's two moments
-    teacher_bytes = teacher_params * dtype_bytes[model.get("teacher_dtype") or model["dtype"]]
+    teacher_dtype = frozen_teacher_dtype(model.get("teacher_dtype"), model["dtype"], merged["trainer"].get("precision"))
+    teacher_bytes = teacher_params * dtype_bytes[teacher_dtype]
     tokens = model.get("micro_batch_tokens") or data["prompts_per_rollout"] * rollout["num_samples"] // data[
         "num_minibatches"] * (data["max_prompt_length"] + rollout["max_new_tokens"])
     chunk_change = lm_head_chunk_bytes(model.get("chunk_size", 1024)) - lm_head_chunk_bytes(fit["chunk_size"])

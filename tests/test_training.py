@@ -189,3 +189,14 @@ def test_validate_a_plain_hf_model_through_the_cli(tiny_checkpoints, tmp_path, m
     rows = [json.loads(line) for line in next(tmp_path.glob("runs/eval/version_0/validate_step0.jsonl")).open()]
     assert sorted({row["benchmark"] for row in rows}) == ["aime24", "amc23"] and len(rows) == 4
     assert all(row["n"] == 2 for row in rows)
+
+
+def test_the_frozen_teacher_is_bfloat16_under_bf16_mixed_else_the_students_dtype():
+    """A float32 config under 32-true precision (the quickstart) keeps a float32 teacher; under
+    bf16-mixed the teacher computes in bfloat16 anyway and is loaded so; an explicit dtype wins."""
+    from lit_opd.modules.settings import frozen_teacher_dtype
+
+    assert frozen_teacher_dtype(None, "float32", "bf16-mixed") == "bfloat16"
+    assert frozen_teacher_dtype(None, "float32", "32-true") == "float32"
+    assert frozen_teacher_dtype(None, "bfloat16", None) == "bfloat16"
+    assert frozen_teacher_dtype("float32", "float32", "bf16-mixed") == "float32"

@@ -26,7 +26,7 @@ from lit_opd.logprobs import CausalLMScorer
 from lit_opd.losses import Reduction, gated_reduce
 from lit_opd.modules.collection import RolloutCollector
 from lit_opd.modules.loading import check_same_vocabulary, load_causal_lm, load_tokenizer
-from lit_opd.modules.settings import DType, OptimConfig, RolloutConfig
+from lit_opd.modules.settings import DType, OptimConfig, RolloutConfig, frozen_teacher_dtype
 from lit_opd.modules.state import check_opens_rollout, drop_teacher_keys, restore_training_state, training_state
 from lit_opd.modules.micro_batches import scatter_rows, step_micro_batches, take_micro_batch
 from lit_opd.modules.step import (NonfiniteGuard, compose, gradient_norms, importance_weight, response_logprobs,
@@ -50,8 +50,8 @@ class DistillationModule(L.LightningModule):
         teacher: the teacher, an HF causal LM path or hub id sharing the student's vocabulary.
         tokenizer: the tokenizer path (default: the student's); linked from data.tokenizer.
         dtype: the student's weights' dtype (under bf16-mixed, keep float32 master weights).
-        teacher_dtype: the frozen teacher's weights' dtype (None: `dtype`); bfloat16 halves a
-            float32 teacher's memory and changes nothing under bf16-mixed, which computes in bfloat16.
+        teacher_dtype: the frozen teacher's weights' dtype (None: bfloat16 under bf16-mixed
+            precision, which computes in bfloat16 anyway, else `dtype`; `settings.frozen_teacher_dtype`).
         teacher_engine: where the teacher runs: "trainer" (a frozen HF model beside the student) or
             "vllm" (a colocated vLLM engine: scoring from its prompt log-probs; the teacher's weights
             never enter the trainer's memory).
@@ -103,7 +103,7 @@ class DistillationModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["gates"])
         self.student_path, self.teacher_path, self.dtype_name = student, teacher, dtype
-        self.teacher_dtype = teacher_dtype or dtype
+        self.teacher_dtype_name = teacher_dtype
         if teacher_url and teacher_engine != "trainer":
             raise ValueError("model.teacher_url and model.teacher_engine: vllm both place the teacher: set one")
         self.teacher_engine, self.teacher_url, self.teacher_serving = teacher_engine, teacher_url, teacher_serving
@@ -148,11 +148,13 @@ class DistillationModule(L.LightningModule):
             student.gradient_checkpointing_enable()
         student.train()  # from_pretrained returns eval mode, in which HF skips gradient checkpointing
         self.policy = CausalLMScorer(student, self.chunk_size)
+        teacher_dtype = frozen_teacher_dtype(self.teacher_dtype_name, self.dtype_name,
+                                             self._trainer.precision if self._trainer is not None else None)
         if self.teacher_outside:
             self.teacher = build_teacher_engine(self.teacher_url, self.teacher_path, self.teacher_serving,
-                                                self.teacher_top_k + len(self.support_exclude), self.teacher_dtype)
+                                                self.teacher_top_k + len(self.support_exclude), teacher_dtype)
         else:
-            teacher = load_causal_lm(self.teacher_path, self.teacher_dtype, "teacher", self.tokenizer)
+            teacher = load_causal_lm(self.teacher_path, teacher_dtype, "teacher", self.tokenizer)
             self.teacher = CausalLMScorer(teacher.requires_grad_(False).eval(), self.chunk_size)
         if self._trainer is not None and isinstance(self.trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
             if self.rollout.engine == "vllm" and isinstance(self.trainer.strategy, FSDPStrategy):

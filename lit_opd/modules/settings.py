@@ -14,6 +14,15 @@ from lit_opd.rollout.vllm_engine import VLLMSettings
 DType = Literal["float32", "bfloat16", "float16"]
 
 
+def frozen_teacher_dtype(teacher_dtype: DType | None, dtype: DType, precision: str | None) -> DType:
+    """The frozen teacher's dtype: `teacher_dtype` if set; else bfloat16 under bf16-mixed precision,
+    which computes the teacher in bfloat16 anyway (a float32 copy would only double its memory);
+    else the student's `dtype`."""
+    if teacher_dtype is not None:
+        return teacher_dtype
+    return "bfloat16" if precision is not None and str(precision).startswith("bf16") else dtype
+
+
 @dataclass
 class RolloutConfig:
     """How a rollout batch is collected.
