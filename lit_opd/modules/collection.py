@@ -19,7 +19,7 @@ from lit_opd.modules.settings import RolloutConfig
 from lit_opd.modules.teacher_sampling import PhasedTeacherSampling, pad_columns
 from lit_opd.rollout.buffer import split_rows
 from lit_opd.rollout.engine import Generation, SamplingConfig, build_engine, ended
-from lit_opd.rollout.teacher_engines import ServerTeacher, VLLMTeacher
+from lit_opd.rollout.teacher_engines import TeacherEngine
 from lit_opd.sharding import gathered
 from lit_opd.verify import Verifier
 
@@ -129,13 +129,13 @@ class RolloutCollector:
     def score_teacher(self, teacher, rows: dict[str, Tensor]) -> dict[str, Tensor]:
         """The teacher's log-probs of `rows`' responses (and its top-K support): in the trainer
         (`score`), or by a teacher engine outside it, all rows at once."""
-        if isinstance(teacher, (VLLMTeacher, ServerTeacher)):
+        if isinstance(teacher, TeacherEngine):
             return teacher.score(rows, self.teacher_top_k, set(self.support_exclude.tolist()))
         return self.score(teacher, rows, self.teacher_top_k)
 
     def generate_teacher(self, teacher, prompt_ids: Tensor, prompt_mask: Tensor, generator: torch.Generator) -> Generation:
         """Teacher rollouts (phased teacher sampling), in the trainer or by its engine outside it."""
-        if isinstance(teacher, (VLLMTeacher, ServerTeacher)):
+        if isinstance(teacher, TeacherEngine):
             return teacher.generate(prompt_ids, prompt_mask, self.rollout.sampling(), self.eos_ids,
                                     self.tokenizer.pad_token_id, generator)
         return self.generate(teacher, prompt_ids, prompt_mask, self.rollout.sampling(), generator)

@@ -54,6 +54,17 @@ class Generation:
     sample_logp: Tensor | None = None
 
 
+def right_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Token id lists → (ids [B, T] long, mask [B, T] bool), padded on the right; T ≥ 1."""
+    width = max(1, max(map(len, sequences)))
+    ids = torch.full((len(sequences), width), pad_token_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.bool)
+    for row, tokens in enumerate(sequences):
+        ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+        mask[row, : len(tokens)] = True
+    return ids, mask
+
+
 def response_mask_from_ids(response_ids: Tensor, eos_token_ids: list[int]) -> Tensor:
     """[B, T] bool: True up to and including the first EOS of each row (all True if none)."""
     is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))

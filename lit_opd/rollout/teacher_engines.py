@@ -20,8 +20,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lit_opd.rollout.engine import Generation, SamplingConfig
-from lit_opd.rollout.vllm_engine import attended_tokens, sample, start_llm, token_prompts
+from lit_opd.rollout.engine import Generation, SamplingConfig, right_pad
+from lit_opd.rollout.vllm_engine import attended_tokens, import_vllm, row_seeds, sample, start_llm, token_prompts
 
 
 @dataclass
@@ -30,9 +30,10 @@ class TeacherServing:
 
     Colocated (teacher_engine: vllm): gpu_memory_utilization (the share of device memory, on CPU
         of host memory less all the process holds), kv_cache_memory_bytes (the KV cache's size
-        instead; on CPU, beside the student's rollout engine, it is needed), max_model_len (None: the model's), enforce_eager, dtype ("auto":
-        model.teacher_dtype; vLLM's own "auto" would run a float32 checkpoint in 16 bits). It runs without sleep mode: vLLM allows one sleep-mode engine per process,
-        and the student's rollout engine has it.
+        instead; on CPU, beside the student's rollout engine, it is needed), max_model_len (None:
+        the model's), enforce_eager, dtype ("auto": model.teacher_dtype; vLLM's own "auto" would
+        run a float32 checkpoint in 16 bits). It runs without sleep mode: vLLM allows one
+        sleep-mode engine per process, and the student's rollout engine has it.
     Server (teacher_url): served_model (the name the server serves; None: model.teacher),
         rows_per_request (prompt log-probs come back as JSON, ~60 bytes per (position, token)),
         max_concurrency (requests in flight), timeout_s per request, retries after the first try,
@@ -84,7 +85,27 @@ def scores_from_prompt_logprobs(
     return {key: value.to(response_ids.device) for key, value in out.items()}
 
 
-class VLLMTeacher:
+class TeacherEngine:
+    """A teacher outside the trainer: `score` (the `CausalLMScorer` teacher scores of rows),
+    `generate` (teacher rollouts, as a `RolloutEngine` without a model) and `close`."""
+
+    @staticmethod
+    def logprobs_per_position(top_k: int, exclude: set[int]) -> int:
+        """Prompt log-probs to ask for at each position: the top K once the excluded ids are dropped."""
+        return top_k + len(exclude) if top_k else 0
+
+    def score(self, rows: dict[str, Tensor], top_k: int, exclude: set[int]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def generate(self, prompt_ids, prompt_mask, sampling: SamplingConfig, eos_token_ids, pad_token_id,
+                 generator) -> Generation:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        """Release what the engine holds (none by default)."""
+
+
+class VLLMTeacher(TeacherEngine):
     """The teacher as an in-process vLLM engine beside the trainer (started on first use)."""
 
     def __init__(self, model_path: str, settings: TeacherServing, max_logprobs: int, dtype: str = "auto"):
@@ -104,8 +125,8 @@ class VLLMTeacher:
         """Teacher log-probs (and top-K) of `rows`' responses, as `scores_from_prompt_logprobs`."""
         from vllm import SamplingParams
 
-        params = SamplingParams(max_tokens=1, prompt_logprobs=top_k + len(exclude) if top_k else 0, detokenize=False,
-                                skip_reading_prefix_cache=True)
+        params = SamplingParams(max_tokens=1, prompt_logprobs=self.logprobs_per_position(top_k, exclude),
+                                detokenize=False, skip_reading_prefix_cache=True)
         outputs = self.engine().generate(token_prompts(rows["input_ids"], rows["attention_mask"]), params,
                                          use_tqdm=False)
         positions = [[{token: lp.logprob for token, lp in entry.items()} if entry else None
@@ -119,7 +140,7 @@ class VLLMTeacher:
         self.llm = None
 
 
-class ServerTeacher:
+class ServerTeacher(TeacherEngine):
     """The teacher on a vLLM OpenAI-compatible server (`vllm serve <teacher> --max-logprobs 64`):
     `/v1/completions` with token-id prompts, retried with exponential backoff; a server that stays
     unreachable raises `TeacherUnreachable`, one that refuses a request a ValueError with its reason."""
@@ -158,7 +179,8 @@ class ServerTeacher:
         prompts = attended_tokens(rows["input_ids"], rows["attention_mask"])
         size = self.settings.rows_per_request
         answers = self.map_requests([
-            {"prompt": prompts[i : i + size], "max_tokens": 1, "prompt_logprobs": top_k + len(exclude) if top_k else 0}
+            {"prompt": prompts[i : i + size], "max_tokens": 1,
+             "prompt_logprobs": self.logprobs_per_position(top_k, exclude)}
             for i in range(0, len(prompts), size)
         ])
         positions = []
@@ -170,7 +192,7 @@ class ServerTeacher:
 
     def generate(self, prompt_ids, prompt_mask, sampling: SamplingConfig, eos_token_ids, pad_token_id, generator):
         """One teacher response per row, each its own request with a seed drawn from `generator`."""
-        seeds = torch.randint(0, 2**31 - 1, (prompt_ids.shape[0],), generator=generator).tolist()
+        seeds = row_seeds(prompt_ids.shape[0], generator)
         prompts = attended_tokens(prompt_ids, prompt_mask)
         answers = self.map_requests([
             {"prompt": [prompt], "max_tokens": sampling.max_new_tokens, "temperature": sampling.temperature,
@@ -178,16 +200,8 @@ class ServerTeacher:
              "return_token_ids": True}
             for prompt, seed in zip(prompts, seeds)
         ])
-        rows = [answer["choices"][0]["token_ids"] for answer in answers]
-        T = max(1, max(map(len, rows)))
-        ids = torch.full((len(rows), T), pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), T, dtype=torch.bool)
-        for i, tokens in enumerate(rows):
-            ids[i, : len(tokens)], mask[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long), True
+        ids, mask = right_pad([answer["choices"][0]["token_ids"] for answer in answers], pad_token_id)
         return Generation(ids.to(prompt_ids.device), mask.to(prompt_ids.device))
-
-    def close(self) -> None:
-        """Nothing held: every request is its own connection."""
 
 
 def build_teacher_engine(url: str | None, model_path: str, settings: TeacherServing, max_logprobs: int, dtype: str):
@@ -195,7 +209,5 @@ def build_teacher_engine(url: str | None, model_path: str, settings: TeacherServ
     in `dtype` unless settings.dtype says otherwise (vLLM missing: a one-line error naming the extra)."""
     if url:
         return ServerTeacher(url, model_path, settings)
-    from lit_opd.rollout.vllm_engine import import_vllm
-
     import_vllm()
     return VLLMTeacher(model_path, settings, max_logprobs, dtype)

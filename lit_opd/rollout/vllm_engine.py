@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from lit_opd.rollout.engine import Generation, RolloutEngine, SamplingConfig
+from lit_opd.rollout.engine import Generation, RolloutEngine, SamplingConfig, right_pad
 from lit_opd.sharding import full_tensors
 
 
@@ -153,19 +153,23 @@ def token_prompts(ids: Tensor, mask: Tensor) -> list:
     return [TokensPrompt(prompt_token_ids=tokens) for tokens in attended_tokens(ids, mask)]
 
 
+def row_seeds(rows: int, generator: torch.Generator) -> list[int]:
+    """A sampling seed per row, drawn from `generator` (so a seeded run repeats its rollouts)."""
+    return torch.randint(0, 2**31 - 1, (rows,), generator=generator).tolist()
+
+
 def sample(llm, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig, eos_token_ids: list[int],
            pad_token_id: int, generator: torch.Generator) -> Generation:
     """One response per row of [B, P] prompts from `llm`, each row seeded from `generator`, stopping
     at the EOS ids; with the sampled tokens' log-probs."""
     from vllm import SamplingParams
 
-    seeds = torch.randint(0, 2**31 - 1, (prompt_ids.shape[0],), generator=generator).tolist()
     params = [
         SamplingParams(
             n=1, max_tokens=sampling.max_new_tokens, temperature=sampling.temperature, top_p=sampling.top_p,
             top_k=sampling.top_k, stop_token_ids=list(eos_token_ids), logprobs=0, seed=seed, detokenize=False,
         )
-        for seed in seeds
+        for seed in row_seeds(prompt_ids.shape[0], generator)
     ]
     outputs = llm.generate(token_prompts(prompt_ids, prompt_mask), params, use_tqdm=False)
     return generation_from_outputs([o.outputs[0] for o in outputs], pad_token_id, prompt_ids.device)
@@ -173,13 +177,9 @@ def sample(llm, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfi
 
 def generation_from_outputs(completions, pad_token_id: int, device: torch.device) -> Generation:
     """vLLM completions (token_ids, per-token {id: Logprob}) → a right-padded `Generation`."""
-    T = max(1, max(len(c.token_ids) for c in completions))
-    response_ids = torch.full((len(completions), T), pad_token_id, dtype=torch.long)
-    response_mask = torch.zeros(len(completions), T, dtype=torch.bool)
-    logp = torch.zeros(len(completions), T, dtype=torch.float32)
+    response_ids, response_mask = right_pad([list(c.token_ids) for c in completions], pad_token_id)
+    logp = torch.zeros(response_ids.shape, dtype=torch.float32)
     for row, completion in enumerate(completions):
         tokens = list(completion.token_ids)
-        response_ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
-        response_mask[row, : len(tokens)] = True
         logp[row, : len(tokens)] = torch.tensor([step[token].logprob for token, step in zip(tokens, completion.logprobs)])
     return Generation(response_ids.to(device), response_mask.to(device), logp.to(device))
