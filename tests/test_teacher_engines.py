@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lit_opd.modules import GKD, SampledTokenOPD
-from lit_opd.rollout.teacher_engines import scores_from_prompt_logprobs
+from lit_opd.rollout.teacher_engines import TeacherServing, scores_from_prompt_logprobs
 
 
 def test_scores_from_prompt_logprobs_hand_values():
@@ -36,3 +36,10 @@ def test_a_teacher_url_and_a_colocated_teacher_engine_are_one_too_many(tiny_chec
     with pytest.raises(ValueError, match="model.teacher_url and model.teacher_engine: vllm both place the teacher"):
         SampledTokenOPD(student=tiny_checkpoints["student"], teacher=tiny_checkpoints["teacher"],
                         teacher_engine="vllm", teacher_url="http://localhost:8000")
+
+
+@pytest.mark.parametrize("field, value", [("rows_per_request", 0), ("max_concurrency", 0), ("timeout_s", 0.0),
+                                          ("gpu_memory_utilization", 0.0), ("retries", -1), ("backoff_s", -1.0)])
+def test_teacher_serving_settings_out_of_range_name_their_field(field, value):
+    with pytest.raises(ValueError, match=rf"model.teacher_serving.{field} must be"):
+        TeacherServing(**{field: value})

@@ -52,6 +52,16 @@ class TeacherServing:
     retries: int = 5
     backoff_s: float = 2.0
 
+    def __post_init__(self):
+        positive = {"gpu_memory_utilization": self.gpu_memory_utilization, "rows_per_request": self.rows_per_request,
+                    "max_concurrency": self.max_concurrency, "timeout_s": self.timeout_s}
+        for name, value in positive.items():
+            if not value > 0:
+                raise ValueError(f"model.teacher_serving.{name} must be > 0, got {value}")
+        for name, value in {"retries": self.retries, "backoff_s": self.backoff_s}.items():
+            if value < 0:
+                raise ValueError(f"model.teacher_serving.{name} must be ≥ 0, got {value}")
+
 
 class TeacherUnreachable(RuntimeError):
     """The teacher server did not answer within its retries."""
