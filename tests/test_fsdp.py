@@ -336,6 +336,7 @@ def full_tensors_worker(rank: int, world: int, port: int, checkpoint: str) -> No
             assert not isinstance(value, DTensor), name
             torch.testing.assert_close(value, whole[name], rtol=0, atol=0, msg=name)
         assert all(isinstance(p, DTensor) for p in scorer.parameters())
+        dist.barrier()  # no rank tears the group down while the other's last all-gather is in flight
     finally:
         dist.destroy_process_group()
 
