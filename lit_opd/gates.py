@@ -240,7 +240,12 @@ class DriftGate(Gate):
 
     unit="span" splits the response after every token whose text contains `span_delimiter`
     (a blank line "\\n\\n" by default: one reasoning step per span).
+    unit_statistics: also log what the gate would weigh, on the same step, with each unit
+    (train/gate_units/<unit>/{std,min,max} over the mini-batch's response tokens; the mean is 1 by
+    construction), to compare units on one run's drift.
     """
+
+    units: tuple[Unit, ...] = ("token", "block", "span", "sequence")
 
     def __init__(
         self,
@@ -252,14 +257,16 @@ class DriftGate(Gate):
         g_min: float | None = None,
         g_max: float | None = None,
         residual_alpha: float | None = None,
+        unit_statistics: bool = False,
     ):
         self.unit, self.block_size, self.span_delimiter = unit, block_size, span_delimiter
         self.agg, self.sharpness = agg, sharpness
         self.g_min, self.g_max, self.residual_alpha = g_min, g_max, residual_alpha
+        self.unit_statistics = unit_statistics
         self.delimiter_ids: Tensor | None = None
 
     def prepare(self, tokenizer) -> None:
-        if self.unit != "span":
+        if self.unit != "span" and not self.unit_statistics:
             return
         vocab = tokenizer.get_vocab()
         ids = [i for token, i in vocab.items() if self.span_delimiter in tokenizer.convert_tokens_to_string([token])]
@@ -267,8 +274,8 @@ class DriftGate(Gate):
             raise ValueError(f"no token of the tokenizer contains span_delimiter {self.span_delimiter!r}")
         self.delimiter_ids = torch.tensor(sorted(ids))
 
-    def span_ends(self, batch: dict[str, Tensor]) -> Tensor | None:
-        if self.unit != "span":
+    def span_ends(self, batch: dict[str, Tensor], unit: Unit) -> Tensor | None:
+        if unit != "span":
             return None
         if self.delimiter_ids is None:
             raise ValueError("DriftGate(unit='span') needs prepare(tokenizer) before use")
@@ -276,12 +283,27 @@ class DriftGate(Gate):
         return torch.isin(ids, self.delimiter_ids.to(ids.device))
 
     def __call__(self, batch, logp):
+        return self.weigh(batch, logp, self.unit)
+
+    def weigh(self, batch: dict[str, Tensor], logp: Tensor, unit: Unit) -> Tensor:
+        """The gate [B, T] with `unit` in place of this gate's own (the other settings kept)."""
         mask = batch["response_mask"]
         log_raw = drift_log_gate(
-            logp, batch["old_logp"], mask, self.unit, self.block_size, self.span_ends(batch), self.agg, self.sharpness
+            logp, batch["old_logp"], mask, unit, self.block_size, self.span_ends(batch, unit), self.agg, self.sharpness
         )
         raw = shifted_raw_gate(log_raw, mask, global_masked_max(log_raw, mask))
         return normalize_gate(raw, mask, self.g_min, self.g_max, self.residual_alpha, mean=global_masked_mean(raw, mask))
+
+    def statistics(self, batch, logp):
+        if not self.unit_statistics:
+            return {}
+        mask = batch["response_mask"]
+        stats = {}
+        for unit in self.units:
+            values = self.weigh(batch, logp, unit)[mask]
+            prefix = f"train/gate_units/{unit}"
+            stats |= {f"{prefix}/std": values.std(), f"{prefix}/min": values.min(), f"{prefix}/max": values.max()}
+        return stats
 
 
 class SignConsistencyGate(Gate):

@@ -1,6 +1,7 @@
 """The offline quickstart: on-policy distillation end to end on a laptop CPU, no network.
 
-    lit-opd quickstart [--output-dir quickstart_runs] [--seed 0] [--stages data,teacher,student,opd,eval]
+    lit-opd quickstart [--output-dir quickstart_runs] [--seed 0] [--task arithmetic|granular]
+                       [--stages data,teacher,student,opd,eval]
 
 Stages (each reads the previous stages' files from the output directory, so any of them can be
 rerun alone):
@@ -98,8 +99,8 @@ class QuickstartSettings:
     by SFT, and a short prompt keeps every forward pass on the CPU cheap); max_length: SFT rows'
     prompt + solution + EOS tokens (the longest is about 100); teacher / student: SFT recipes
     (the student has the teacher's shape, less trained); eval_n, eval_ks, eval_sampling: the
-    eval stage's pass@k; fit_args: more `lit-opd fit` arguments for every distillation stage,
-    after its configs (e.g. a `--config` of smaller settings)."""
+    eval stage's pass@k; fit_configs, fit_args: more config files (shipped names or paths) and
+    `lit-opd fit` arguments for every distillation stage, after its own configs."""
 
     task: ArithmeticTask = ArithmeticTask(min_operands=3, max_operands=4, max_operand=9, max_factor=5, max_value=99)
     num_train: int = 20_000
@@ -112,6 +113,24 @@ class QuickstartSettings:
     eval_ks: tuple[int, ...] = (1, 8)
     eval_sampling: SamplingConfig = SamplingConfig(max_new_tokens=96, temperature=1.0)
     fit_args: tuple[str, ...] = field(default_factory=tuple)
+    fit_configs: tuple[str, ...] = field(default_factory=tuple)
+
+
+TASKS = {
+    "arithmetic": QuickstartSettings(),
+    # Worked solutions of 123-203 character tokens (median 155) in 3-4 worded steps: a task where
+    # a 32-token block, a step (span), a token and the whole response are different units
+    # (configs/sweeps/cpu_grid.yaml runs the papers' comparison grid on it).
+    "granular": QuickstartSettings(
+        task=ArithmeticTask(min_operands=4, max_operands=5, max_operand=9, max_factor=5, max_value=99,
+                            worded_steps=True),
+        max_length=288,
+        teacher=replace(TEACHER, steps=800),
+        student=replace(TEACHER, steps=400, init_seed=2),
+        eval_sampling=SamplingConfig(max_new_tokens=224, temperature=1.0),
+        fit_configs=("sweeps/cpu_task",),
+    ),
+}
 
 
 @dataclass(frozen=True)
@@ -205,13 +224,14 @@ def working_directory(path: Path):
 
 
 def run_distillation(layout: Layout, stage: DistillStage, settings: QuickstartSettings, seed: int) -> None:
-    """`lit-opd fit --config quickstart/base --config quickstart/<stage> --model.init_args.seed
-    <seed> --data.seed <seed>` in the output directory (the configs' paths are relative to it)."""
+    """`lit-opd fit --config quickstart/base --config quickstart/<stage> [--config <fit_configs>]
+    --model.init_args.seed <seed> --data.seed <seed>` in the output directory (the configs' paths
+    are relative to it)."""
     layout.require(layout.model("student"), "student")
     layout.require(layout.model("teacher"), "teacher")
     layout.require(layout.train, "data")
     with working_directory(layout.root):
-        fit_run(["quickstart/base", f"quickstart/{stage.config}"],
+        fit_run(["quickstart/base", f"quickstart/{stage.config}", *settings.fit_configs],
                 [f"--model.init_args.seed={seed}", f"--data.seed={seed}", *settings.fit_args])
 
 
@@ -300,7 +320,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--stages", type=parse_stages, default=list(DEFAULT_STAGES),
                         help=f"comma-separated subset of {','.join(STAGES)}, run in that order "
                              f"(default: {','.join(DEFAULT_STAGES)})")
+    parser.add_argument("--task", choices=sorted(TASKS), default="arithmetic",
+                        help="arithmetic: 2-3 bare equations (~35 tokens); granular: 3-4 worded steps "
+                             "(~155 tokens), the task of configs/sweeps/cpu_grid.yaml (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    return run(args.output_dir, args.stages, args.seed)
+    return run(args.output_dir, args.stages, args.seed, TASKS[args.task])

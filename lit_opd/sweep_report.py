@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 GATE_TAGS = ("train/gate_mean", "train/gate_min", "train/gate_max", "train/drift_abs_mean")
+UNIT_TAGS = "train/gate_units/"  # DriftGate(unit_statistics=True): train/gate_units/<unit>/{std,min,max}
 # {variant: {seed: {step: {benchmark: {problem index: {"pass@k": value}}}}}}
 Problems = dict[str, dict[int, dict[int, dict[str, dict[int, dict[str, float]]]]]]
 
@@ -90,7 +91,8 @@ def sweep_table(problems: Problems, baseline: str, ks: list[str]) -> str:
 
 
 def gate_statistics(sweep_dir: Path) -> dict[str, dict[str, dict[int, list[float]]]]:
-    """{variant: {tag: {step: [value per seed]}}} of GATE_TAGS from the runs' event files."""
+    """{variant: {tag: {step: [value per seed]}}} of GATE_TAGS and the UNIT_TAGS from the runs'
+    event files."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     stats = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -98,14 +100,34 @@ def gate_statistics(sweep_dir: Path) -> dict[str, dict[str, dict[int, list[float
         events = EventAccumulator(str(path), size_guidance={"scalars": 0})
         events.Reload()
         variant = path.relative_to(sweep_dir).parts[0]
-        for tag in set(GATE_TAGS) & set(events.Tags()["scalars"]):
+        tags = events.Tags()["scalars"]
+        for tag in [tag for tag in tags if tag in GATE_TAGS or tag.startswith(UNIT_TAGS)]:
             for event in events.Scalars(tag):
                 stats[variant][tag][event.step].append(event.value)
     return stats
 
 
-def plot_sweep(problems: Problems, sweep_dir: Path, k: str, output: Path) -> list[Path]:
-    """eval/mean/<k> against step with a min–max band over seeds, and the gate statistics."""
+def unit_table(stats: dict[str, dict[str, dict[int, list[float]]]]) -> str:
+    """Markdown: per variant that logged UNIT_TAGS, each unit's gate std, min and max on the same
+    steps' drift, averaged over its logged steps and seeds ("" when no run logged them)."""
+    lines = []
+    for variant, tags in stats.items():
+        units = list(dict.fromkeys(tag.split("/")[2] for tag in tags if tag.startswith(UNIT_TAGS)))
+        if not units:
+            continue
+        lines += [f"### Gate weights per unit on {variant}'s drift (mean over steps and seeds)", "",
+                  "| unit | std | min | max |", "|---|---|---|---|"]
+        for unit in units:
+            cells = [np.mean([v for values in tags[f"{UNIT_TAGS}{unit}/{name}"].values() for v in values])
+                     for name in ("std", "min", "max")]
+            lines.append(f"| {unit} | " + " | ".join(f"{cell:.3f}" for cell in cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_sweep(problems: Problems, stats: dict, k: str, output: Path) -> list[Path]:
+    """eval/mean/<k> against step with a min–max band over seeds, and the gate statistics `stats`
+    (`gate_statistics`)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +146,6 @@ def plot_sweep(problems: Problems, sweep_dir: Path, k: str, output: Path) -> lis
     curve_path = output / f"sweep_{k.replace('@', '_at_')}.png"
     figure.savefig(curve_path, dpi=120)
     plt.close(figure)
-    stats = gate_statistics(sweep_dir)
     figure, axes = plt.subplots(1, len(GATE_TAGS), figsize=(4 * len(GATE_TAGS), 3.5), squeeze=False)
     for axis, tag in zip(axes[0], GATE_TAGS):
         for variant, tags in stats.items():
@@ -149,5 +170,7 @@ def sweep_report(sweep_dir: str, output_dir: str, baseline: str) -> list[Path]:
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     markdown = output / "report.md"
-    markdown.write_text(f"# Sweep {sweep_dir}\n\n" + sweep_table(problems, baseline, ks), encoding="utf-8")
-    return [markdown, *plot_sweep(problems, Path(sweep_dir), ks[-1], output)]
+    stats = gate_statistics(Path(sweep_dir))
+    markdown.write_text(f"# Sweep {sweep_dir}\n\n" + sweep_table(problems, baseline, ks) + unit_table(stats),
+                        encoding="utf-8")
+    return [markdown, *plot_sweep(problems, stats, ks[-1], output)]

@@ -4,6 +4,8 @@ Expected numbers were worked out from the formula with math.exp on the tiny inpu
 (derivation in the comments), not by running the gate code.
 """
 
+import math
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -303,3 +305,34 @@ def test_drift_gate_is_finite_for_any_drift():
     gate = DriftGate(unit="block", block_size=2)({"response_mask": mask, "old_logp": old}, far)
     assert torch.isfinite(gate).all()
     torch.testing.assert_close(gate, expected)
+
+
+def test_unit_statistics_weigh_the_same_drift_with_each_unit():
+    # Response "ab\n\ncd" (5 character tokens, the span ends at "\n\n"), d = [0.2, −0.4, 0.3, 0, −0.3],
+    # block_size 2. D per position (mean |d| over the unit):
+    #   token    [0.2, 0.4, 0.3, 0, 0.3]
+    #   block    {0,1} {2,3} {4}:  [0.3, 0.3, 0.15, 0.15, 0.3]
+    #   span     {0,1,2} {3,4}:    [0.3, 0.3, 0.3, 0.15, 0.15]
+    #   sequence 0.24 everywhere → g = 1
+    # g = exp(−D) / mean(exp(−D)); the statistics are std (n − 1), min and max of g.
+    from statistics import stdev
+
+    from lit_opd.data.char_tokenizer import build_char_tokenizer
+    from lit_opd.gates import DriftGate
+
+    tokenizer = build_char_tokenizer()
+    gate = DriftGate(unit="block", block_size=2, unit_statistics=True)
+    gate.prepare(tokenizer)
+    logp, old, mask = drift_inputs([[0.2, -0.4, 0.3, 0.0, -0.3]], [[True] * 5])
+    batch = {"response_ids": torch.tensor([tokenizer("ab\n\ncd").input_ids]), "response_mask": mask, "old_logp": old}
+    stats = gate.statistics(batch, logp)
+    drifts = {"token": [0.2, 0.4, 0.3, 0.0, 0.3], "block": [0.3, 0.3, 0.15, 0.15, 0.3],
+              "span": [0.3, 0.3, 0.3, 0.15, 0.15], "sequence": [0.24] * 5}
+    for unit, drift in drifts.items():
+        raw = [math.exp(-d) for d in drift]
+        g = [r * len(raw) / sum(raw) for r in raw]
+        expected = {"std": stdev(g), "min": min(g), "max": max(g)}
+        for name, value in expected.items():
+            assert stats[f"train/gate_units/{unit}/{name}"].item() == pytest.approx(value, abs=1e-12), (unit, name)
+    torch.testing.assert_close(gate(batch, logp), gate.weigh(batch, logp, "block"), rtol=0, atol=0)
+    assert DriftGate(unit="block").statistics(batch, logp) == {}

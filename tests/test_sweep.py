@@ -19,6 +19,8 @@ from lit_opd.sweep_report import paired_bootstrap, sweep_report
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
+UNIT_STATISTICS = ('--model.init_args.gates=[{"class_path": "lit_opd.gates.DriftGate", '
+                   '"init_args": {"unit": "block", "block_size": 4, "unit_statistics": true}}]')
 
 
 @pytest.fixture
@@ -34,7 +36,10 @@ def grid_file(tiny_checkpoints, tmp_path):
         "output_dir": str(tmp_path / "sweep"),
         "seeds": [0, 1],
         "args": [*tiny_args(tiny_checkpoints, str(prompts)), f"--trainer.callbacks={json.dumps(evaluation)}"],
-        "variants": {name: {"configs": [name, OVERRIDES]} for name in ("opd", "opd_block64")},
+        "variants": {
+            "opd": {"configs": ["opd", OVERRIDES]},
+            "opd_block64": {"configs": ["opd_block64", OVERRIDES], "args": [UNIT_STATISTICS]},
+        },
     }
     path = tmp_path / "grid.yaml"
     path.write_text(yaml.safe_dump(grid))
@@ -75,6 +80,16 @@ def test_a_killed_sweep_skips_finished_runs_and_the_report_reads_them(grid_file,
         mean_cell = row.split(" | ")[3]  # variant | seeds | bench | mean | Δ
         assert float(mean_cell.split(" ± ")[0]) == pytest.approx(sum(finals) / 2, abs=6e-4), (variant, table)
     assert rows["opd"].rstrip(" |").endswith("–") and "[" in rows["opd_block64"]
+
+    units = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in table.splitlines()
+             if line.startswith(("| token", "| block", "| span", "| sequence"))}
+    assert "Gate weights per unit on opd_block64" in table and list(units) == ["token", "block", "span", "sequence"]
+    stds = []
+    for seed in (0, 1):
+        events = EventAccumulator(str(tmp_path / "sweep" / "opd_block64" / f"seed{seed}"))
+        events.Reload()
+        stds += [event.value for event in events.Scalars("train/gate_units/token/std")]
+    assert float(units["token"][0]) == pytest.approx(sum(stds) / len(stds), abs=6e-4)
 
 
 def test_paired_bootstrap_hand_values():

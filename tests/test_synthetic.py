@@ -125,3 +125,26 @@ def test_jsonl_rows_read_by_the_benchmark_loader(tmp_path):
     assert all(set(json.loads(line)) == {"id", "problem", "answer", "solution"} for line in lines)
     problems = load_problems(str(path))
     assert [(p.id, p.problem, p.answer) for p in problems] == [(r["id"], r["problem"], r["answer"]) for r in heldout]
+
+
+WORDED = re.compile(r"^Step (\d+): take (\d+) and (add|subtract|multiply by) (\d+), so (\d+ [-+*] \d+ = \d+)\.$")
+
+
+def test_worded_steps_state_each_operation_and_give_the_granular_lengths():
+    from lit_opd.data.char_tokenizer import build_char_tokenizer
+    from lit_opd.quickstart import TASKS
+
+    task = TASKS["granular"].task
+    train, _ = make_splits(task, num_train=500, num_heldout=0, seed=0)
+    words = {"add": "+", "subtract": "-", "multiply by": "*"}
+    for row in train:
+        *steps, last = row["solution"].split("\n\n")
+        equations = []
+        for index, step in enumerate(steps, start=1):
+            number, left, word, right, equation = WORDED.match(step).groups()
+            assert int(number) == index and equation.startswith(f"{left} {words[word]} {right} = ")
+            equations.append(equation)
+        check_row({**row, "solution": "\n\n".join([*equations, last])}, task)
+    tokenizer = build_char_tokenizer()
+    lengths = sorted(len(tokenizer(row["solution"]).input_ids) for row in train)
+    assert 120 <= lengths[0] and lengths[-1] <= 210 and 140 <= lengths[len(lengths) // 2] <= 170

@@ -13,6 +13,12 @@ answer boxed:
 
     \\boxed{58}
 
+With `worded_steps` each step is a sentence that states the operation before doing it, so that
+the solution is about 45 characters a step (a response of 128-192 character tokens at 4-5
+operands, for granularity experiments where steps, blocks and tokens are different units):
+
+    Step 1: take 17 and add 5, so 17 + 5 = 22.
+
 Rows are {"id", "problem", "answer", "solution"}: the packaged benchmarks' fields plus the
 solution, so the same loaders read both.
 """
@@ -30,13 +36,16 @@ Operator = str  # one of "+", "-", "*"
 class ArithmeticTask:
     """The difficulty knobs. A problem has `min_operands`..`max_operands` numbers; a number added
     or subtracted is in [1, max_operand], a factor in [2, max_factor]; every intermediate
-    value stays in [0, max_value] (operations that would leave it are not drawn)."""
+    value stays in [0, max_value] (operations that would leave it are not drawn); worded_steps:
+    each step a sentence ("Step 1: take 17 and add 5, so 17 + 5 = 22.") instead of the bare
+    equation."""
 
     min_operands: int = 3
     max_operands: int = 4
     max_operand: int = 20
     max_factor: int = 9
     max_value: int = 200
+    worded_steps: bool = False
 
     def __post_init__(self):
         if not 2 <= self.min_operands <= self.max_operands:
@@ -76,6 +85,17 @@ def _draw_step(rng: random.Random, value: int, task: ArithmeticTask) -> tuple[Op
     return op, rng.randint(2, min(task.max_factor, task.max_value // value))
 
 
+STEP_WORDS = {"+": "add", "-": "subtract", "*": "multiply by"}
+
+
+def render_step(index: int, value: int, op: Operator, number: int, result: int, worded: bool) -> str:
+    """One solution step (index counts from 1)."""
+    equation = f"{value} {op} {number} = {result}"
+    if not worded:
+        return equation
+    return f"Step {index}: take {value} and {STEP_WORDS[op]} {number}, so {equation}."
+
+
 def render_expression(first: int, steps: list[tuple[Operator, int]]) -> str:
     """Left-to-right evaluation order in ordinary notation: the expression so far is put in
     parentheses before a "*" when it ends in a "+" or "-" (its top-level operator)."""
@@ -92,10 +112,10 @@ def make_problem(rng: random.Random, task: ArithmeticTask) -> dict[str, str]:
     num_operands = rng.randint(task.min_operands, task.max_operands)
     value = first = rng.randint(1, task.max_operand)
     steps, lines = [], []
-    for _ in range(num_operands - 1):
+    for index in range(1, num_operands):
         op, number = _draw_step(rng, value, task)
         result = apply(value, op, number)
-        lines.append(f"{value} {op} {number} = {result}")
+        lines.append(render_step(index, value, op, number, result, task.worded_steps))
         steps.append((op, number))
         value = result
     lines.append(f"\\boxed{{{value}}}")
