@@ -171,6 +171,6 @@ def sweep_report(sweep_dir: str, output_dir: str, baseline: str) -> list[Path]:
     output.mkdir(parents=True, exist_ok=True)
     markdown = output / "report.md"
     stats = gate_statistics(Path(sweep_dir))
-    markdown.write_text(f"# Sweep {sweep_dir}\n\n" + sweep_table(problems, baseline, ks) + unit_table(stats),
+    markdown.write_text(f"# Sweep {sweep_dir}\n\n" + "\n".join([sweep_table(problems, baseline, ks), unit_table(stats)]),
                         encoding="utf-8")
     return [markdown, *plot_sweep(problems, stats, ks[-1], output)]
