@@ -15,12 +15,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_opd.data.benchmarks import load_problems
-
-
-def sampled_logprobs(model, sequences: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """[N, L−1] log π(x_{t+1} | x_≤t) of each next token."""
-    logits = model(sequences, attention_mask=mask.long()).logits[:, :-1].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, sequences[:, 1:, None])[..., 0]
+from lit_opd.logprobs import CausalLMScorer
+from lit_opd.quickstart import QuickstartSettings
 
 
 def main() -> None:
@@ -37,17 +33,17 @@ def main() -> None:
     student = AutoModelForCausalLM.from_pretrained(root / "models" / "student").eval()
     teacher = AutoModelForCausalLM.from_pretrained(root / "models" / "teacher").eval()
     problems = load_problems(str(root / "data" / "heldout.jsonl"))[: args.problems]
-    prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p.problem}], add_generation_prompt=True,
-                                             tokenize=False) for p in problems]
+    prompts = [QuickstartSettings().template.render(tokenizer, p.problem) for p in problems]
     encoded = tokenizer(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         sequences = student.generate(**encoded, do_sample=True, temperature=1.0, max_new_tokens=args.max_new_tokens,
                                      num_return_sequences=args.samples, pad_token_id=tokenizer.pad_token_id)
         mask = sequences != tokenizer.pad_token_id
-        divergence = sampled_logprobs(student, sequences, mask) - sampled_logprobs(teacher, sequences, mask)
-    start = encoded.input_ids.shape[1]
+        start = encoded.input_ids.shape[1]
+        length = sequences.shape[1] - start
+        divergence = (CausalLMScorer(student)(sequences, mask, length)["logp"]
+                      - CausalLMScorer(teacher)(sequences, mask, length)["logp"])
     response, in_response = sequences[:, start:], mask[:, start:]
-    divergence = divergence[:, start - 1:]
     digits = torch.tensor([[tokenizer.decode([int(t)]).isdigit() for t in row] for row in response]) & in_response
     others = in_response & ~digits
     print(json.dumps({

@@ -271,7 +271,8 @@ class DriftGate(Gate):
         vocab = tokenizer.get_vocab()
         ids = [i for token, i in vocab.items() if self.span_delimiter in tokenizer.convert_tokens_to_string([token])]
         if not ids:
-            raise ValueError(f"no token of the tokenizer contains span_delimiter {self.span_delimiter!r}")
+            raise ValueError(f"no token of the tokenizer contains span_delimiter {self.span_delimiter!r} "
+                             "(DriftGate's unit='span' and unit_statistics need it)")
         self.delimiter_ids = torch.tensor(sorted(ids))
 
     def span_ends(self, batch: dict[str, Tensor], unit: Unit) -> Tensor | None:

@@ -119,7 +119,7 @@ class QuickstartSettings:
 TASKS = {
     "arithmetic": QuickstartSettings(),
     # Worked solutions of 123-203 character tokens (median 155) in 3-4 worded steps: a task where
-    # a 32-token block, a step (span), a token and the whole response are different units
+    # a 16-token block, a step (span), a token and the whole response are different units
     # (configs/sweeps/cpu_grid.yaml runs the papers' comparison grid on it).
     "granular": QuickstartSettings(
         task=ArithmeticTask(min_operands=4, max_operands=5, max_operand=9, max_factor=5, max_value=99,

@@ -14,8 +14,8 @@ answer boxed:
     \\boxed{58}
 
 With `worded_steps` each step is a sentence that states the operation before doing it, so that
-the solution is about 45 characters a step (a response of 128-192 character tokens at 4-5
-operands, for granularity experiments where steps, blocks and tokens are different units):
+the solution is about 45 characters a step (123-203 character tokens at 4-5 operands, median
+155: for granularity experiments where steps, blocks and tokens are different units):
 
     Step 1: take 17 and add 5, so 17 + 5 = 22.
 
