@@ -10,8 +10,10 @@ tokenizer; everything below loads them the way `lit-opd fit` does. Parts, each r
                     and the top-32) over rows cut to the 32k-token budget: tokens/s;
   generation        tokens/s of the `hf` engine (HF generate, dynamic cache), the `static` engine
                     eager and with CUDA graphs, and vLLM where it is importable (else listed under
-                    "missing"): 64 rows, 128-token prompts, 256 new tokens (no EOS: random
-                    weights), the second call of each timed;
+                    "missing"), on the bfloat16 student; and of the `static` engine as a paper
+                    config's fit runs it (float32 master weights under bf16 autocast): 64 rows,
+                    128-token prompts, 256 new tokens, the second call of each timed; greedy_match_hf:
+                    the share of 32 greedy tokens equal to HF generate's;
   train_step        `opd_block64` as shipped (configs/defaults.yaml + configs/opd_block64.yaml:
                     float32 master weights under bf16-mixed, a bfloat16 teacher, gradient
                     checkpointing, micro_batch_tokens 32,768, Block64 drift gate, AdamW) through a
@@ -59,9 +61,9 @@ SHAPES = {
     "tiny": dict(
         device="cpu",
         student=dict(QWEN3, vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512),
         teacher=dict(QWEN3, vocab_size=256, hidden_size=96, intermediate_size=192, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512),
+                     num_attention_heads=4, num_key_value_heads=2, head_dim=32, max_position_embeddings=512),
         train_rows=8, prompt_chars=12, new_tokens=24, budget=256,
         gen_rows=4, gen_prompt=8, gen_new=8, score_rows=4, score_len=64, matmul=256,
     ),
@@ -161,9 +163,11 @@ def generation(paths: dict, shape: dict, missing: list[str]) -> dict:
     if device == "cuda":
         engines["static_cuda_graphs"] = StaticCacheEngine(cuda_graphs=True)
     if importlib.util.find_spec("vllm") is not None:
-        from lit_opd.rollout.vllm_engine import VLLMEngine, VLLMSettings
+        from lit_opd.rollout.engine import build_engine
+        from lit_opd.rollout.vllm_engine import VLLMSettings
 
-        engines["vllm"] = VLLMEngine(paths["student"], VLLMSettings())
+        settings = VLLMSettings(gpu_memory_utilization=0.3, kv_cache_memory_bytes=None if device == "cuda" else 2**28)
+        engines["vllm"] = build_engine("vllm", paths["student"], settings)
     else:
         missing.append("generation.vllm (vllm is not importable)")
     eos, pad = [model.config.eos_token_id], model.config.pad_token_id
@@ -179,6 +183,17 @@ def generation(paths: dict, shape: dict, missing: list[str]) -> dict:
         results[name] = {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds)}
         greedy_ids[name] = generate(greedy).response_ids
         engine.close()
+    del model
+    # As a paper config runs it in the fit: float32 master weights under bf16-mixed's autocast.
+    model = Qwen3ForCausalLM.from_pretrained(paths["student"], dtype=torch.float32).to(device).eval()
+    engine = StaticCacheEngine()
+    with torch.autocast(device, dtype=torch.bfloat16):
+        engine.generate(model, ids, mask, sampling, eos, pad, torch.Generator().manual_seed(0))
+        out, seconds = timed(device, lambda: engine.generate(model, ids, mask, sampling, eos, pad,
+                                                             torch.Generator().manual_seed(0)))
+    tokens = int(out.response_mask.sum())
+    results["static_float32_autocast"] = {"tokens": tokens, "seconds": round(seconds, 3),
+                                          "tokens_per_s": round(tokens / seconds)}
     for name, out in greedy_ids.items():  # greedy tokens equal to HF generate's (bfloat16 kernels may differ)
         results[name]["greedy_match_hf"] = round(float((out == greedy_ids["hf"]).float().mean()), 3)
     del model
