@@ -18,10 +18,10 @@ def test_gpu_check_tiny_reports_every_part():
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["errors"] == {}
     assert report["teacher_scoring"]["tokens_per_s"] > 0
-    assert {"hf", "static"} <= set(report["generation"])
+    assert {"hf", "static", "static_float32_autocast"} <= set(report["generation"])
     for engine in report["generation"].values():
         assert 0 < engine["tokens"] <= 4 * 8 and engine["tokens_per_s"] > 0  # 4 rows × at most 8 new tokens
-        assert 0 <= engine["greedy_match_hf"] <= 1
+    assert 0 <= report["generation"]["static"]["greedy_match_hf"] <= 1
     assert report["generation"]["hf"]["greedy_match_hf"] == 1
     step = report["train_step"]
     assert step["config"] == "opd_block64" and step["rows"] == 8
