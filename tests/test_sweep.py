@@ -239,3 +239,37 @@ def test_the_paper_grid_gates_both_families_by_span_and_runs_sg_opd_on_both(caps
     assert labels["sg_opd"] == ("SampledTokenOPD", "sg")
     for family in ("SampledTokenOPD", "TeacherTopKLSM"):
         assert {"none", "block64", "span", "sg"} <= {gate for fam, gate in labels.values() if fam == family}, family
+
+
+def test_sweep_gains_hand_values(tmp_path):
+    """benchmarks/sweep_gains.py on one run of two problems evaluated at steps 0 and 4, and its
+    event file: the change from step 0 with its interval, the reverse KL's first and last tenth,
+    and the drift and gate minimum on the last reuse epoch's steps."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "opd_r2" / "seed0"
+    run.mkdir(parents=True)
+    for step, values in ((0, [0.0, 0.5]), (4, [0.5, 1.0])):
+        rows = [{"step": step, "benchmark": "b", "index": i, "pass@1": v, "pass@8": 1.0} for i, v in enumerate(values)]
+        (run / f"fit_step{step}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    writer = SummaryWriter(str(run))
+    for step in range(20):  # reuse 2: reuse_index 0, 0, 1, 1, ...; drift 0.1·step on the second epoch
+        reuse = (step // 2) % 2
+        scalars = {"train/reverse_kl": 1.0 if step < 2 else 0.5 if step < 18 else 0.25, "train/reuse_index": reuse,
+                   "train/drift_abs_mean": 0.1 * step * reuse, "train/gate_min": 1.0 - 0.01 * step * reuse}
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_gains.py"), str(tmp_path), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = json.loads(result.stdout)
+    steps = output["gains"]["opd_r2"]
+    assert steps["0"] == {"pass@1": [0.25], "pass@8": [1.0]}
+    assert steps["4"]["pass@1"] == pytest.approx([0.75, 0.5, 0.5, 0.5])  # every problem +0.5: the interval collapses
+    assert steps["4"]["pass@8"] == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    drift = output["drift"]["opd_r2"]
+    # second-epoch steps: 2, 3, 6, 7, 10, 11, 14, 15, 18, 19 (mean 10.5)
+    assert drift["last_epoch/drift_abs_mean"] == pytest.approx(1.05)
+    assert drift["last_epoch/gate_min"] == pytest.approx(1.0 - 0.105)
+    assert drift["reverse_kl_first_tenth"] == pytest.approx(1.0) and drift["reverse_kl_last_tenth"] == pytest.approx(0.25)
