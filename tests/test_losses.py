@@ -141,10 +141,9 @@ def test_sampled_token_opd_expected_gradient_is_the_per_position_reverse_kl_grad
     vocab = 13
     theta = (torch.randn(vocab, generator=g, dtype=torch.float64) * 2).requires_grad_()
     teacher_logits = torch.randn(vocab, generator=g, dtype=torch.float64) * 2
-    logp, _, teacher, mask = one_position_per_token(theta, theta.detach(), teacher_logits)
-    loss = sampled_token_opd(logp, logp.detach(), teacher, mask, clip_eps=clip_eps)  # [V, 1]
-    probs = logp.detach().exp()
-    (expected_gradient,) = torch.autograd.grad((probs * loss).sum(), theta)
+    logp, old, teacher, mask = one_position_per_token(theta, theta.detach(), teacher_logits)  # old = sg(logp)
+    loss = sampled_token_opd(logp, old, teacher, mask, clip_eps=clip_eps)  # [V, 1]
+    (expected_gradient,) = torch.autograd.grad((old.exp() * loss).sum(), theta)
 
     p, log_p, log_t = F.softmax(theta, -1), F.log_softmax(theta, -1), F.log_softmax(teacher_logits, -1)
     (kl_gradient,) = torch.autograd.grad((p * (log_p - log_t)).sum(), theta)
