@@ -14,6 +14,8 @@ import yaml
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from helpers_cli import OVERRIDES, tiny_args
+from lit_opd.configs import config_file, shipped_configs
+from lit_opd.lightning_cli import fit_run
 from lit_opd.sweep import read_grid, run_grid
 from lit_opd.sweep_report import paired_bootstrap, sweep_report
 
@@ -118,3 +120,156 @@ def test_sweep_table_hand_values(tmp_path):
     assert rows["opd"][2] == "0.375 ± 0.177" and rows["opd"][3] == "0.375 ± 0.177"
     assert rows["gated"][2] == "0.750 ± 0.000"
     assert rows["gated"][4].startswith("+0.375 [")  # Δ = 0.75 − 0.375, paired by seed and problem
+
+
+# ---------------------------------------------------------------- the shipped grids, expanded without training
+
+def shipped_grids() -> list[str]:
+    return [name for name in shipped_configs()
+            if name.startswith("sweeps/") and "variants" in (yaml.safe_load(config_file(name).read_text()) or {})]
+
+
+def printed_config(run, capsys) -> dict:
+    """The merged config of a grid run (`lit-opd fit ... --print_config`: parsed, nothing built)."""
+    with pytest.raises(SystemExit) as exit_info:
+        fit_run(list(run.configs), [*run.args, "--print_config"])
+    assert exit_info.value.code == 0, (run.variant, capsys.readouterr().err[-2000:])
+    return yaml.safe_load(capsys.readouterr().out)
+
+
+def gate_label(gates: list[dict]) -> str:
+    """none / token / block<size> / span / sequence, "sg_" before a sign gate's composition."""
+    labels = []
+    for gate in gates:
+        kind, init = gate["class_path"].rsplit(".", 1)[1], gate.get("init_args", {})
+        if kind == "SignConsistencyGate":
+            labels.append("sg")
+        else:
+            assert kind == "DriftGate" and init.get("agg", "mean_abs") == "mean_abs", gate
+            assert init.get("sharpness", 1.0) == 1.0, gate  # the shipped settings
+            labels.append(f"block{init['block_size']}" if init["unit"] == "block" else init["unit"])
+    return "_".join(labels) or "none"
+
+
+def rows_per_step(config: dict) -> float:
+    data = config["data"]
+    return data["prompts_per_rollout"] * config["model"]["init_args"]["rollout"]["num_samples"] / data["num_minibatches"]
+
+
+def test_every_shipped_grid_expands_into_runs_of_shipped_configs():
+    names = shipped_grids()
+    assert {"sweeps/cpu_grid", "sweeps/cpu_pilot", "sweeps/cpu_grid_reuse", "sweeps/paper_grid"} <= set(names)
+    for name in names:
+        spec = yaml.safe_load(config_file(name).read_text())
+        grid = read_grid(str(config_file(name)))
+        assert len(grid.runs) == len(spec["variants"]) * len(spec["seeds"]), name
+        assert len({run.directory for run in grid.runs}) == len(grid.runs), name
+        for run in grid.runs:
+            for config in run.configs:
+                config_file(config)  # raises for a config that is neither a file nor shipped
+
+
+def test_the_pilot_runs_both_families_ungated_on_64_row_steps_on_policy_and_at_reuse_2(capsys):
+    """Every run's Δ from step 0 at 200 and 400 steps on the 400-problem set; only reuse (and with
+    it the prompts per rollout batch) and the learning rate vary."""
+    grid = read_grid(str(config_file("sweeps/cpu_pilot")))
+    assert {run.seed for run in grid.runs} == {0}
+    configs = {run.variant: printed_config(run, capsys) for run in grid.runs}
+    settings = set()
+    for variant, config in configs.items():
+        init, data = config["model"]["init_args"], config["data"]
+        family = config["model"]["class_path"].rsplit(".", 1)[1]
+        assert init["gates"] == [] and config["trainer"]["max_steps"] == 400, variant
+        assert rows_per_step(config) == 64, variant
+        assert data["reuse"] == int(variant.split("_reuse")[1][0]) and init["optim"]["lr"] == float(variant.split("_lr")[1])
+        if data["reuse"] == 1:  # pure on-policy: one optimiser step per rollout batch, ρ = 1
+            assert data["num_minibatches"] == 1, variant
+        evaluation = config["trainer"]["callbacks"][0]
+        assert evaluation["class_path"] == "lit_opd.callbacks.PassAtKEvaluation"
+        assert evaluation["init_args"]["benchmarks"] == ["data/heldout_eval.jsonl"]
+        assert evaluation["init_args"]["max_problems"] is None and evaluation["init_args"]["ks"] == [1, 8]
+        assert [evaluation["init_args"][key] for key in ("every_n_steps", "at_start", "at_end")] == [200, True, True]
+        settings.add((family, data["reuse"]))
+    assert settings == {(family, reuse) for family in ("SampledTokenOPD", "TeacherTopKLSM") for reuse in (1, 2)}
+
+
+def test_the_reuse_grid_runs_every_gate_of_both_families_at_reuse_2_and_8_with_the_steps_held(capsys):
+    grid = read_grid(str(config_file("sweeps/cpu_grid_reuse")))
+    assert {run.seed for run in grid.runs} == {0, 1, 2}
+    seen, rest = {}, {}
+    for run in grid.runs:
+        if run.seed != 0:
+            continue
+        config = printed_config(run, capsys)
+        init, data = config["model"]["init_args"], config["data"]
+        family = {"SampledTokenOPD": "opd", "TeacherTopKLSM": "topk_lsm"}[config["model"]["class_path"].rsplit(".", 1)[1]]
+        key = (family, gate_label(init["gates"]), data["reuse"])
+        assert key not in seen, run.variant
+        seen[key] = run.variant
+        assert run.variant.endswith(f"_r{data['reuse']}") and run.variant.startswith(("sg_" if "sg" in key[1] else "") + family)
+        assert config["trainer"]["max_steps"] == 400 and rows_per_step(config) == 64, run.variant
+        assert data["reuse"] * data["num_minibatches"] in (4, 16), run.variant
+        phases = init["rollout"]["teacher_phases"]
+        if key[1].startswith("sg"):  # SG-OPD's cold start in thirds of the budget
+            assert [list(phase) for phase in phases] == [[0, 0.5], [133, 0.25], [267, 0.0]], run.variant
+        else:
+            assert not phases, run.variant
+        if key[1] == "block16":  # logs every unit's weights on this run's drift
+            assert init["gates"][0]["init_args"]["unit_statistics"], run.variant
+        # within a family only the gates, the reuse and SG's teacher phases differ
+        comparable = {**init, "gates": None, "rollout": {**init["rollout"], "teacher_phases": None}}
+        rest.setdefault(family, []).append((run.variant, yaml.safe_dump(comparable), yaml.safe_dump({**data, "reuse": None})))
+    gates = ("none", "token", "block16", "span", "sequence", "sg_block16")
+    assert set(seen) == {(family, gate, reuse) for family in ("opd", "topk_lsm") for gate in gates for reuse in (2, 8)}
+    for family, runs in rest.items():
+        assert len({model for _, model, _ in runs}) == 1, (family, [variant for variant, _, _ in runs])
+        assert len({data for _, _, data in runs}) == 1, family
+
+
+def test_the_paper_grid_gates_both_families_by_span_and_runs_sg_opd_on_both(capsys):
+    grid = read_grid(str(config_file("sweeps/paper_grid")))
+    labels = {}
+    for run in grid.runs:
+        if run.seed == 0:
+            config = printed_config(run, capsys)
+            family = config["model"]["class_path"].rsplit(".", 1)[1]
+            labels[run.variant] = (family, gate_label(config["model"]["init_args"]["gates"]))
+    assert labels["topk_lsm_span"] == ("TeacherTopKLSM", "span")
+    assert labels["sg_topk_lsm"] == ("TeacherTopKLSM", "sg")
+    assert labels["sg_opd"] == ("SampledTokenOPD", "sg")
+    for family in ("SampledTokenOPD", "TeacherTopKLSM"):
+        assert {"none", "block64", "span", "sg"} <= {gate for fam, gate in labels.values() if fam == family}, family
+
+
+def test_sweep_gains_hand_values(tmp_path):
+    """benchmarks/sweep_gains.py on one run of two problems evaluated at steps 0 and 4, and its
+    event file: the change from step 0 with its interval, the reverse KL's first and last tenth,
+    and the drift and gate minimum on the last reuse epoch's steps."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    run = tmp_path / "opd_r2" / "seed0"
+    run.mkdir(parents=True)
+    for step, values in ((0, [0.0, 0.5]), (4, [0.5, 1.0])):
+        rows = [{"step": step, "benchmark": "b", "index": i, "pass@1": v, "pass@8": 1.0} for i, v in enumerate(values)]
+        (run / f"fit_step{step}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    writer = SummaryWriter(str(run))
+    for step in range(20):  # reuse 2: reuse_index 0, 0, 1, 1, ...; drift 0.1·step on the second epoch
+        reuse = (step // 2) % 2
+        scalars = {"train/reverse_kl": 1.0 if step < 2 else 0.5 if step < 18 else 0.25, "train/reuse_index": reuse,
+                   "train/drift_abs_mean": 0.1 * step * reuse, "train/gate_min": 1.0 - 0.01 * step * reuse}
+        for tag, value in scalars.items():
+            writer.add_scalar(tag, value, step)
+    writer.close()
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sweep_gains.py"), str(tmp_path), "--json"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = json.loads(result.stdout)
+    steps = output["gains"]["opd_r2"]
+    assert steps["0"] == {"pass@1": [0.25], "pass@8": [1.0]}
+    assert steps["4"]["pass@1"] == pytest.approx([0.75, 0.5, 0.5, 0.5])  # every problem +0.5: the interval collapses
+    assert steps["4"]["pass@8"] == pytest.approx([1.0, 0.0, 0.0, 0.0])
+    drift = output["drift"]["opd_r2"]
+    # second-epoch steps: 2, 3, 6, 7, 10, 11, 14, 15, 18, 19 (mean 10.5)
+    assert drift["last_epoch/drift_abs_mean"] == pytest.approx(1.05)
+    assert drift["last_epoch/gate_min"] == pytest.approx(1.0 - 0.105)
+    assert drift["reverse_kl_first_tenth"] == pytest.approx(1.0) and drift["reverse_kl_last_tenth"] == pytest.approx(0.25)
