@@ -18,6 +18,7 @@ DTensor shards: the generators gather one tensor at a time (a collective each, s
 iterates to the end, in the same order).
 """
 
+import copy
 import json
 import os
 from collections.abc import Iterator
@@ -29,6 +30,7 @@ from peft.tuners.lora import Linear as LoraLinear
 from peft.tuners.lora import LoraLayer
 from safetensors.torch import save_file
 from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 ADAPTER = "default"  # PEFT's adapter name; lit_opd trains one adapter
@@ -93,6 +95,12 @@ class LoraSettings:
                           target_modules=targets, bias="none")
 
 
+def is_adapter(name: str) -> bool:
+    """Whether a parameter / state-dict name is an adapter weight (`...q_proj.lora_A.default.weight`,
+    under any prefix: a LightningModule's `policy.model.` included), i.e. trained and checkpointed."""
+    return f".lora_A.{ADAPTER}." in name or f".lora_B.{ADAPTER}." in name
+
+
 def lora_layers(model: nn.Module) -> dict[str, LoraLayer]:
     """{module name: PEFT LoRA layer} of `model`, in module order; empty for a model without LoRA."""
     return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
@@ -132,7 +140,7 @@ def inject_lora(model: nn.Module, settings: LoraSettings, dtype: torch.dtype) ->
         layer.lora_A.to(torch.float32)
         layer.lora_B.to(torch.float32)
     for name, parameter in model.named_parameters():
-        parameter.requires_grad_(".lora_A." in name or ".lora_B." in name)
+        parameter.requires_grad_(is_adapter(name))
     return model
 
 
@@ -177,6 +185,37 @@ def merged_weights(model: nn.Module) -> Iterator[tuple[str, Tensor]]:
             yield f"{prefix}.{leaf}", _full(tensor)
 
 
+def merged_model(model: nn.Module) -> nn.Module:
+    """A plain HF model of `model`'s class and config holding its merged weights (`merged_weights`,
+    each tensor in the base's dtype, on the base's device), its buffers and generation config: for
+    an engine that reads each layer's `.weight` (the static engine; PEFT's layers answer `.weight`
+    with the base weight alone) or generates without PEFT's extra matmuls. Frozen, eval mode.
+    `copy_merged_weights(model, copy)` refreshes it in place after optimiser steps."""
+    cls = type(model)
+    if isinstance(model, FSDPModule):  # fully_shard made the class FSDP<cls>(FSDPModule, cls)
+        cls = next(base for base in cls.__bases__ if base is not FSDPModule)
+    with torch.device("meta"):
+        plain = cls(model.config)
+    plain.to_empty(device=next(model.parameters()).device)
+    plain.tie_weights()  # tied embeddings share one tensor again (a no-op for untied ones)
+    for name, tensor in merged_weights(model):
+        plain.get_parameter(name).data = tensor.clone()
+    for name, buffer in model.named_buffers():  # rotary frequencies: not in the state dict
+        owner, _, leaf = name.rpartition(".")
+        plain.get_submodule(owner)._buffers[leaf] = buffer.detach().clone()
+    plain.generation_config = copy.deepcopy(model.generation_config)
+    return plain.requires_grad_(False).eval()
+
+
+@torch.no_grad()
+def copy_merged_weights(model: nn.Module, target: nn.Module) -> None:
+    """Copy `model`'s merged weights into the plain model `target` (`merged_model`) in place, so
+    that its tensors keep their addresses (the static engine's captured graphs read them)."""
+    state = target.state_dict()
+    for name, tensor in merged_weights(model):
+        state[name].copy_(tensor)
+
+
 def merged_state_dict(model: nn.Module, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
     """`merged_weights` as a dict (the whole merged model in memory, on the base's device), cast
     to `dtype` if given (None: the base's dtype)."""
@@ -191,10 +230,13 @@ def adapter_state_dict(model: nn.Module) -> dict[str, Tensor]:
     return {name: _full(tensor) for name, tensor in state.items()}
 
 
-def save_adapter(model: nn.Module, settings: LoraSettings, directory: str) -> None:
+def save_adapter(model: nn.Module, settings: LoraSettings, directory: str, is_global_zero: bool = True) -> None:
     """Write the PEFT adapter folder (`adapter_config.json`, `adapter_model.safetensors`, float32)
-    that `peft.PeftModel.from_pretrained(base, directory)` loads onto the base model."""
+    that `peft.PeftModel.from_pretrained(base, directory)` loads onto the base model. Under FSDP2
+    every rank calls this (the adapters are gathered) and the one with `is_global_zero` writes."""
     state = adapter_state_dict(model)
+    if not is_global_zero:
+        return
     os.makedirs(directory, exist_ok=True)
     config = settings.peft_config()
     config.base_model_name_or_path = getattr(model.config, "_name_or_path", None) or None
@@ -204,11 +246,17 @@ def save_adapter(model: nn.Module, settings: LoraSettings, directory: str) -> No
     save_file(weights, os.path.join(directory, "adapter_model.safetensors"), metadata={"format": "pt"})
 
 
-def save_merged(model: nn.Module, directory: str, dtype: torch.dtype | None = None) -> None:
+def save_merged(model: nn.Module, directory: str, dtype: torch.dtype | None = None, is_global_zero: bool = True) -> None:
     """Write `model` with its adapters merged (`merged_weights`) as a plain HF checkpoint that
-    `AutoModelForCausalLM.from_pretrained(directory)` loads, in `dtype` (None: the base's dtype,
-    which the config records). Holds the whole merged model in memory once."""
-    state = {name: tensor.cpu() for name, tensor in merged_state_dict(model, dtype).items()}
+    `AutoModelForCausalLM.from_pretrained(directory)` loads, in `dtype` (None: the base's dtype;
+    the config records it). The rank with `is_global_zero` gathers the merged model on CPU and
+    writes it; under FSDP2 every rank calls this (each tensor is gathered by all)."""
+    state = {}
+    for name, tensor in merged_weights(model):
+        if is_global_zero:
+            state[name] = (tensor if dtype is None else tensor.to(dtype)).cpu()
+    if not is_global_zero:
+        return
     model.save_pretrained(directory, state_dict=state)
     if dtype is not None:
         path = os.path.join(directory, "config.json")

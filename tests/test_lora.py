@@ -15,9 +15,12 @@ from lit_opd.logprobs import CausalLMScorer
 from lit_opd.lora import (
     LoraSettings,
     adapter_state_dict,
+    copy_merged_weights,
     has_lora,
     inject_lora,
+    is_adapter,
     lora_layers,
+    merged_model,
     merged_state_dict,
     merged_weights,
     save_adapter,
@@ -181,6 +184,7 @@ def test_adapter_state_dict_has_peft_names_and_only_adapters():
     model = lora_model(torch.bfloat16)
     state = adapter_state_dict(model)
     assert set(state) == {f"{name}.lora_{ab}.weight" for name in lora_layers(model) for ab in "AB"}
+    assert {n for n, _ in model.named_parameters() if is_adapter(n)} == {n.replace(".weight", ".default.weight") for n in state}
     assert all(t.dtype == torch.float32 for t in state.values())
 
 
@@ -194,14 +198,16 @@ def test_peft_adapter_folder_round_trips(tmp_path):
     torch.testing.assert_close(peft_model(input_ids=ids).logits, model(ids).logits, rtol=0, atol=1e-12)
 
 
-@pytest.mark.parametrize("dtype, export", [(torch.float64, None), (torch.bfloat16, None), (torch.bfloat16, torch.float32)])
-def test_merged_export_round_trips(tmp_path, dtype, export):
-    model = lora_model(dtype, adapters_dtype=torch.float64 if dtype == torch.float64 else None)
+@pytest.mark.parametrize("dtype, export, tie", [(torch.float64, None, False), (torch.bfloat16, None, True),
+                                               (torch.bfloat16, torch.float32, False)])
+def test_merged_export_round_trips(tmp_path, dtype, export, tie):
+    model = lora_model(dtype, tie=tie, adapters_dtype=torch.float64 if dtype == torch.float64 else None)
     save_merged(model, str(tmp_path / "merged"), export)
     loaded = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"), dtype="auto").eval()
     assert type(loaded) is type(model) and not has_lora(loaded)
     expected = merged_state_dict(model, export)
     assert loaded.config.dtype == (export or dtype)
+    assert (loaded.lm_head.weight is loaded.model.embed_tokens.weight) == tie
     for name, tensor in loaded.state_dict().items():
         assert torch.equal(tensor, expected[name]), name
     if dtype == torch.float64:
@@ -230,3 +236,21 @@ def test_optimiser_steps_move_adapters_and_leave_the_base_bit_identical():
             assert parameter.dtype == torch.bfloat16 and torch.equal(parameter, base[name]), name
         else:
             assert parameter.dtype == torch.float32 and not torch.equal(parameter, adapters[name]), name
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_merged_model_is_a_plain_copy_refreshed_in_place(tie):
+    model = lora_model(tie=tie, adapters_dtype=torch.float64)
+    plain = merged_model(model)
+    assert type(plain) is type(model) and not has_lora(plain) and not plain.training
+    assert (plain.lm_head.weight is plain.model.embed_tokens.weight) == tie
+    assert all(not p.requires_grad for p in plain.parameters())
+    ids, mask = batch(3)
+    torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-12)
+    addresses = [p.data_ptr() for p in plain.parameters()]
+    with torch.no_grad():
+        for layer in lora_layers(model).values():
+            layer.lora_B["default"].weight.mul_(-2.0)
+    copy_merged_weights(model, plain)
+    assert [p.data_ptr() for p in plain.parameters()] == addresses
+    torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-12)
