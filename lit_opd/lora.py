@@ -84,10 +84,6 @@ class LoraSettings:
                 "(the scorer reads lm_head.weight itself, which a LoRA layer would bypass)"
             )
 
-    @property
-    def scale(self) -> float:
-        return self.lora_alpha / self.r
-
     def peft_config(self) -> LoraConfig:
         """A fresh `peft.LoraConfig` (PEFT expands "all-linear" into the config it is given)."""
         targets = self.target_modules if isinstance(self.target_modules, str) else list(self.target_modules)
