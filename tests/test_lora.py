@@ -3,12 +3,21 @@ frozen in the compute dtype, float32 adapters the only trainable weights), merge
 W + (lora_alpha / r)·B·A, the PEFT adapter folder and the merged HF export round-tripping, and a
 few optimiser steps that move the adapters and leave every base weight bit-identical."""
 
+import copy
+import os
+import socket
+from datetime import timedelta
 from typing import Optional
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from jsonargparse import ArgumentParser
 from peft import PeftModel
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, Qwen3Config
 
 from lit_opd.logprobs import CausalLMScorer
@@ -26,7 +35,7 @@ from lit_opd.lora import (
     save_adapter,
     save_merged,
 )
-from lit_opd.sharding import decoder_layers
+from lit_opd.sharding import decoder_layers, shard_scorer
 
 DECODER_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -254,3 +263,59 @@ def test_merged_model_is_a_plain_copy_refreshed_in_place(tie):
     copy_merged_weights(model, plain)
     assert [p.data_ptr() for p in plain.parameters()] == addresses
     torch.testing.assert_close(plain(ids).logits, model(ids).logits, rtol=0, atol=1e-12)
+
+
+# ------------------------------------------------------------------------- FSDP2
+def sharded_worker(rank: int, world: int, port: int) -> None:
+    """One of two gloo ranks: the LoRA student sharded by `shard_scorer` (each decoder layer one
+    FSDP2 unit holding the frozen bfloat16 base and the float32 adapters) takes 3 AdamW steps on
+    its half of each batch; rank 0 repeats them unsharded, the halves as two micro-batches.
+    Compared: the adapters' updates, the base (bit-identical), and what the gathering functions
+    (merged_weights, adapter_state_dict, merged_model) give under sharding."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    try:
+        model = lora_model(torch.bfloat16).train()
+        scorer, reference = CausalLMScorer(model), CausalLMScorer(copy.deepcopy(model))
+        base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        start = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        shard_scorer(scorer, init_device_mesh("cpu", (world,)), MixedPrecisionPolicy())
+        batches = [batch(20 + step, rows=4) for step in range(3)]
+
+        def fit(s, parts):  # each part: a forward over two rows, weighted 1 / len(parts)
+            optimizer = torch.optim.AdamW([p for p in s.parameters() if p.requires_grad], lr=1e-2)
+            for ids, mask in batches:
+                optimizer.zero_grad()
+                for rows in parts:
+                    (-s(ids[rows], mask[rows], 6)["logp"].mean() / len(parts)).backward()
+                optimizer.step()
+
+        fit(scorer, [slice(2 * rank, 2 * rank + 2)])  # FSDP2 averages the two ranks' gradients
+        merged, adapters, plain = dict(merged_weights(model)), adapter_state_dict(model), merged_model(model)
+        whole = {n: p.full_tensor() for n, p in model.named_parameters()}
+        if rank == 0:
+            # the same forwards (two rows each: bfloat16 activations depend on the batch's shape) in one process
+            fit(reference, [slice(0, 2), slice(2, 4)])
+            for name, parameter in reference.model.named_parameters():
+                if name in base:
+                    assert torch.equal(whole[name], base[name]), name
+                else:  # the updates agree in norm (float32 sums in another order)
+                    update, expected = whole[name] - start[name], parameter.detach() - start[name]
+                    assert (update - expected).norm() <= 1e-4 * expected.norm(), (name, ((update - expected).norm() / expected.norm()).item())
+            for name, tensor in merged_weights(reference.model):
+                assert merged[name].dtype == tensor.dtype == torch.bfloat16
+                assert torch.equal(plain.state_dict()[name], merged[name]), name
+            assert adapters.keys() == adapter_state_dict(reference.model).keys()
+            assert all(not isinstance(t, DTensor) for t in (*merged.values(), *adapters.values()))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.__version__ < "2.8", reason="FSDP2 before torch 2.8 refuses a unit whose parameters have two dtypes")
+def test_sharded_lora_student_equals_one_process():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(sharded_worker, args=(2, port), nprocs=2, join=True)
