@@ -45,7 +45,7 @@ class Poisoned(SampledTokenOPD):
 
     def fill_buffer(self, batch):
         hit = self.poison == "teacher" and batch["rollout_index"] == 1
-        with nan_hidden_states(self.teacher) if hit else contextlib.nullcontext():
+        with nan_hidden_states(self.teacher.scorer) if hit else contextlib.nullcontext():
             super().fill_buffer(batch)
 
     def student_scores(self, mb):

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lit_opd.modules.teacher_sampling import PhasedTeacherSampling, pair_rows, replace_responses
+from lit_opd.rollout.teacher_sampling import PhasedTeacherSampling, pair_rows, replace_responses
 from helpers_cli import fit_and_check
 from lit_opd.gates import sign_consistency_gate
 from lit_opd.losses import topk_lsm
@@ -94,8 +94,11 @@ def test_sg_opd_with_phased_teacher_sampling_fits(tiny_checkpoints, arithmetic_p
 def test_training_verdicts_need_an_end_and_a_boxed_answer(char_tokenizer):
     """A row is correct in training only if it ended (EOS) and its \\boxed{} answer is right; the
     last-number fallback comes back with rollout.answer_fallback."""
-    from lit_opd.modules.collection import RolloutCollector
-    from lit_opd.modules.settings import RolloutConfig
+    from lit_opd.rollout.collection import RolloutCollector
+    from lit_opd.rollout.factory import build_engine
+    from lit_opd.rollout.scoring import ScoringSettings
+    from lit_opd.rollout.settings import RolloutConfig
+    from lit_opd.verify import Verifier
 
     texts = ["so \\boxed{12}", "so \\boxed{12} and", "so it is 12", "so \\boxed{13}"]
     ended = [True, False, True, True]
@@ -105,14 +108,15 @@ def test_training_verdicts_need_an_end_and_a_boxed_answer(char_tokenizer):
     ids = torch.tensor([r + [char_tokenizer.pad_token_id] * (width - len(r)) for r in rows])
     mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in rows])
     answers = ["12"] * 4
-    strict = RolloutCollector(RolloutConfig(), char_tokenizer, 0, verdicts=True, verify_workers=1)
-    lenient = RolloutCollector(RolloutConfig(answer_fallback=True), char_tokenizer, 0, verdicts=True, verify_workers=1)
+    strict, lenient = (RolloutCollector(RolloutConfig(answer_fallback=fallback), char_tokenizer, build_engine("hf"),
+                                        teacher=None, scoring=ScoringSettings(), verifier=Verifier(num_workers=1))
+                       for fallback in (False, True))
     try:
         assert strict.verify(ids, mask, answers).tolist() == [True, False, False, False]
         assert lenient.verify(ids, mask, answers).tolist() == [True, False, True, False]
     finally:
-        strict.close()
-        lenient.close()
+        strict.verifier.close()
+        lenient.verifier.close()
 
 
 def test_teacher_rows_are_logged_apart():

@@ -10,7 +10,8 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lit_opd.logprobs import CausalLMScorer
-from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig, build_engine
+from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig
+from lit_opd.rollout.factory import build_engine
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (pip install \"lit-opd[vllm]\")")
@@ -18,10 +19,15 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (pi
 
 @pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed")
 def test_without_vllm_the_engine_is_a_one_line_error_naming_the_extra():
-    from lit_opd.rollout.teacher_engines import TeacherServing, build_teacher_engine
+    from lit_opd.rollout.factory import build_teacher
+    from lit_opd.rollout.scoring import ScoringSettings
+    from lit_opd.rollout.settings import RolloutConfig
+    from lit_opd.rollout.teacher_engines import TeacherServing
 
     for build in (lambda: build_engine("vllm", "some/student"),
-                  lambda: build_teacher_engine(None, "some/teacher", TeacherServing(), 32, "bfloat16")):
+                  lambda: build_teacher("some/teacher", "vllm", None, TeacherServing(), dtype="bfloat16",
+                                        scoring=ScoringSettings(top_k=32), rollout=RolloutConfig(), tokenizer=None,
+                                        chunk_size=1024)):
         with pytest.raises(ImportError, match=r'pip install "lit-opd\[vllm\]"') as error:
             build()
         assert "\n" not in str(error.value)

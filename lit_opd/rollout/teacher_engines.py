@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from lit_opd.rollout.engine import Generation, SamplingConfig, right_pad
-from lit_opd.rollout.vllm_engine import attended_tokens, import_vllm, row_seeds, sample, start_llm, token_prompts
+from lit_opd.rollout.vllm_engine import attended_tokens, row_seeds, sample, start_llm, token_prompts
 
 
 @dataclass
@@ -96,8 +96,10 @@ def scores_from_prompt_logprobs(
 
 
 class TeacherEngine:
-    """A teacher outside the trainer: `score` (the `CausalLMScorer` teacher scores of rows),
-    `generate` (teacher rollouts, as a `RolloutEngine` without a model) and `close`."""
+    """The teacher, wherever it runs: `score` (the `CausalLMScorer` teacher scores of rows),
+    `generate` (teacher rollouts, as a `RolloutEngine` without a model), `distribute` and `close`.
+    In the trainer: `trainer_teacher.TrainerTeacher`; outside it: `VLLMTeacher`, `ServerTeacher`;
+    `factory.build_teacher` makes the one the settings ask for."""
 
     @staticmethod
     def logprobs_per_position(top_k: int, exclude: set[int]) -> int:
@@ -110,6 +112,10 @@ class TeacherEngine:
     def generate(self, prompt_ids, prompt_mask, sampling: SamplingConfig, eos_token_ids, pad_token_id,
                  generator) -> Generation:
         raise NotImplementedError
+
+    def distribute(self, place) -> None:
+        """Lay out the weights the teacher holds in the trainer with `place` (a module → the module
+        sharded or moved for the strategy); a teacher outside the trainer holds none."""
 
     def close(self) -> None:
         """Release what the engine holds (none by default)."""
@@ -213,11 +219,3 @@ class ServerTeacher(TeacherEngine):
         ids, mask = right_pad([answer["choices"][0]["token_ids"] for answer in answers], pad_token_id)
         return Generation(ids.to(prompt_ids.device), mask.to(prompt_ids.device))
 
-
-def build_teacher_engine(url: str | None, model_path: str, settings: TeacherServing, max_logprobs: int, dtype: str):
-    """The teacher outside the trainer: a `ServerTeacher` at `url`, else a colocated `VLLMTeacher`
-    in `dtype` unless settings.dtype says otherwise (vLLM missing: a one-line error naming the extra)."""
-    if url:
-        return ServerTeacher(url, model_path, settings)
-    import_vllm()
-    return VLLMTeacher(model_path, settings, max_logprobs, dtype)

@@ -1,27 +1,12 @@
-"""The typed settings every distillation module shares: the weights' dtype, how rollouts are
-collected (`RolloutConfig`) and the optimiser (`OptimConfig`). LightningCLI turns them into the
-YAML keys `model.init_args.dtype`, `model.init_args.rollout.*` and `model.init_args.optim.*`."""
+"""How rollout batches are collected (`RolloutConfig`), the YAML keys `model.init_args.rollout.*`."""
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
 from lit_opd.rollout.engine import EngineName, SamplingConfig
 from lit_opd.rollout.teacher_engines import TeacherServing
 from lit_opd.rollout.vllm_engine import VLLMSettings
-
-DType = Literal["float32", "bfloat16", "float16"]
-
-
-def frozen_teacher_dtype(teacher_dtype: DType | None, dtype: DType, precision: str | None) -> DType:
-    """The frozen teacher's dtype: `teacher_dtype` if set; else bfloat16 under bf16-mixed precision,
-    which computes the teacher in bfloat16 anyway (a float32 copy would only double its memory);
-    else the student's `dtype`."""
-    if teacher_dtype is not None:
-        return teacher_dtype
-    return "bfloat16" if precision is not None and str(precision).startswith("bf16") else dtype
-
 
 @dataclass
 class RolloutConfig:
@@ -41,7 +26,7 @@ class RolloutConfig:
     at max_new_tokens) and its final answer, in \\boxed{}, equals the reference; answer_fallback
     also takes the last number of a response without a box as its answer (as evaluation does). teacher_phases: phased teacher sampling, a schedule of
     [start step, fraction] phases from step 0, e.g. [[0, 0.5], [50, 0.25], [100, 0.0]]
-    (`lit_opd.modules.teacher_sampling`); empty: off.
+    (`lit_opd.rollout.teacher_sampling`); empty: off.
     """
 
     num_samples: int = 8
@@ -66,24 +51,5 @@ class RolloutConfig:
         return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
 
 
-@dataclass
-class OptimConfig:
-    """AdamW with linear warm-up to a constant learning rate; gradient_clip_val: clip the
-    gradients' global norm before each optimiser step (None: no clipping). lit_opd optimises
-    manually (micro-batches by token budget), so clipping is set here, not on the trainer."""
-
-    lr: float = 1e-6
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
-    warmup_steps: int = 0
-    gradient_clip_val: float | None = None
-
-    def build(self, params) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
-        """(AdamW over `params`, its per-step schedule: lr·min(1, (step + 1) / (warmup_steps + 1)))."""
-        optimizer = torch.optim.AdamW(params, lr=self.lr, weight_decay=self.weight_decay, betas=tuple(self.betas))
-        warmup = max(self.warmup_steps, 0)
-        return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
-
-
 # Hyperparameters of modules built in Python hold these; checkpoints load with weights_only=True.
-torch.serialization.add_safe_globals([RolloutConfig, OptimConfig, VLLMSettings, TeacherServing])
+torch.serialization.add_safe_globals([RolloutConfig, VLLMSettings, TeacherServing])
