@@ -7,9 +7,16 @@ import torch
 
 @dataclass
 class OptimConfig:
-    """AdamW with linear warm-up to a constant learning rate; gradient_clip_val: clip the
-    gradients' global norm before each optimiser step (None: no clipping). lit_opd optimises
-    manually (micro-batches by token budget), so clipping is set here, not on the trainer."""
+    """AdamW with linear warm-up to a constant learning rate. lit_opd optimises manually
+    (micro-batches by token budget), so gradient clipping is set here, not on the trainer.
+
+    Args:
+        lr: the learning rate after warm-up.
+        weight_decay: AdamW's decoupled weight decay.
+        betas: AdamW's (β1, β2).
+        warmup_steps: optimiser steps of linear warm-up from lr/(warmup_steps + 1) to lr.
+        gradient_clip_val: clip the gradients' global norm to this before each step (None: no clipping).
+    """
 
     lr: float = 1e-6
     weight_decay: float = 0.0

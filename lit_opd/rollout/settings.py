@@ -8,25 +8,29 @@ from lit_opd.rollout.engine import EngineName, SamplingConfig
 from lit_opd.rollout.teacher_engines import TeacherServing
 from lit_opd.rollout.vllm_engine import VLLMSettings
 
+
 @dataclass
 class RolloutConfig:
-    """How a rollout batch is collected.
+    """How a rollout batch is collected. Verifier verdicts (`correct` per row) are computed when a
+    gate needs them, when teacher_phases is set, or when verify is true; a row is correct only if
+    it ended (an EOS id, not cut at max_new_tokens) and its final answer equals the reference.
 
-    num_samples responses per prompt, sampled with temperature (0: greedy), top_p and top_k
-    (0: off), at most max_new_tokens each, by `engine` ("static": the static-KV-cache engine,
-    which falls back to "hf" where unsupported; "hf": HF `generate`; "vllm": vLLM in the training
-    process with the student's live weights, set by `vllm`), at most generate_batch_size rows per
-    engine call (0: every row of the rollout batch at once; the KV cache grows with it; vllm pages
-    its cache and takes every row). score_batch_size: rows per no-grad forward when scoring a
-    rollout batch without a micro_batch_tokens budget.
-
-    Verifier verdicts (`correct` per row, `math-verify`, verify_timeout seconds per check) are
-    computed when a gate needs them, when teacher_phases is set, or when verify is true (then
-    only logged: train/verifier_accuracy). A row is correct only if it ended (an EOS id, not cut
-    at max_new_tokens) and its final answer, in \\boxed{}, equals the reference; answer_fallback
-    also takes the last number of a response without a box as its answer (as evaluation does). teacher_phases: phased teacher sampling, a schedule of
-    [start step, fraction] phases from step 0, e.g. [[0, 0.5], [50, 0.25], [100, 0.0]]
-    (`lit_opd.rollout.teacher_sampling`); empty: off.
+    Args:
+        num_samples: responses sampled per prompt.
+        max_new_tokens: the most tokens of one response.
+        temperature: the sampling temperature (0: greedy).
+        top_p: nucleus sampling's probability mass (1: off).
+        top_k: sample among the k most likely tokens (0: off).
+        engine: the rollout engine: "static" (static KV cache; HF `generate` where unsupported),
+            "hf" (HF `generate`) or "vllm" (vLLM in the training process, the student's live weights).
+        generate_batch_size: the most rows per engine call (0: every row at once; vllm takes every row).
+        vllm: the vllm engine's settings (`VLLMSettings`).
+        score_batch_size: rows per no-grad scoring forward without a micro_batch_tokens budget.
+        verify: verify every row even when nothing needs verdicts (logged: train/verifier_accuracy).
+        verify_timeout: seconds one `math-verify` check may take (a hung check counts as wrong).
+        answer_fallback: take the last number of a response without a \\boxed{} answer as its answer.
+        teacher_phases: phased teacher sampling, [start step, fraction of prompts] phases from step
+            0, e.g. [[0, 0.5], [50, 0.25], [100, 0.0]] (`rollout.teacher_sampling`); empty: off.
     """
 
     num_samples: int = 8

@@ -26,18 +26,27 @@ from lit_opd.rollout.vllm_engine import attended_tokens, row_seeds, sample, star
 
 @dataclass
 class TeacherServing:
-    """How a teacher outside the trainer runs (`model.init_args.teacher_serving`).
+    """How a teacher outside the trainer runs (`model.init_args.teacher_serving`): the first five
+    settings are the colocated engine's (teacher_engine: vllm; it runs without sleep mode: vLLM
+    allows one sleep-mode engine per process, and the student's rollout engine has it), the rest
+    the server client's (teacher_url).
 
-    Colocated (teacher_engine: vllm): gpu_memory_utilization (the share of device memory, on CPU
-        of host memory less all the process holds), kv_cache_memory_bytes (the KV cache's size
-        instead; on CPU, beside the student's rollout engine, it is needed), max_model_len (None:
-        the model's), enforce_eager, dtype ("auto": model.teacher_dtype; vLLM's own "auto" would
-        run a float32 checkpoint in 16 bits). It runs without sleep mode: vLLM allows one
-        sleep-mode engine per process, and the student's rollout engine has it.
-    Server (teacher_url): served_model (the name the server serves; None: model.teacher),
-        rows_per_request (prompt log-probs come back as JSON, ~60 bytes per (position, token)),
-        max_concurrency (requests in flight), timeout_s per request, retries after the first try,
-        each after backoff_s·2^i seconds.
+    Args:
+        gpu_memory_utilization: the colocated engine's share of device memory (on CPU: of host memory
+            less all the process holds).
+        kv_cache_memory_bytes: the colocated engine's KV cache size instead (None: from the share; on
+            CPU, beside the student's rollout engine, it is needed).
+        max_model_len: prompt + response tokens per row of the colocated engine (None: the model's).
+        enforce_eager: the colocated engine without CUDA graphs.
+        dtype: the colocated engine's weights ("auto": model.teacher_dtype; vLLM's own "auto" would run
+            a float32 checkpoint in 16 bits).
+        served_model: the model name the server serves (None: model.teacher).
+        rows_per_request: rows scored per request (prompt log-probs come back as JSON, ~60 bytes per
+            (position, token)).
+        max_concurrency: requests in flight at once.
+        timeout_s: seconds one request may take.
+        retries: tries after the first, the i-th after backoff_s·2^i seconds.
+        backoff_s: the first retry's wait in seconds, doubled at each retry.
     """
 
     gpu_memory_utilization: float = 0.3
