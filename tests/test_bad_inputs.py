@@ -22,12 +22,11 @@ EVAL_CONFIG = str(ROOT / "configs" / "eval.yaml")
 
 
 @pytest.fixture(scope="module")
-def workspace(tiny_checkpoints, tmp_path_factory):
+def workspace(tiny_checkpoints, tmp_path_factory, write_prompts):
     """A fit config on the tiny models and the results of an earlier run of it (runs/bad/version_0:
     config, hparams, TensorBoard events, checkpoints) that no bad input may touch."""
     root = tmp_path_factory.mktemp("bad_inputs")
-    train = root / "train.jsonl"
-    train.write_text("".join(f'{{"problem": "{i}+{i}=?", "answer": "{2 * i}"}}\n' for i in range(8)))
+    train = write_prompts()
     other_teacher = root / "other_tokenizer_teacher"
     shutil.copytree(tiny_checkpoints["teacher"], other_teacher)
     tokenizer = AutoTokenizer.from_pretrained(other_teacher)

@@ -20,15 +20,6 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TRAINING_CONFIGS = [c for c in CONFIGS if c.stem not in ("eval", "defaults")]
 
 
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with path.open("w") as handle:
-        for i in range(24):
-            handle.write(json.dumps({"id": i, "problem": f"{i}+{i + 1}=?", "answer": str(2 * i + 1)}) + "\n")
-    return str(path)
-
-
 @pytest.mark.parametrize("config", CONFIGS + sorted((ROOT / "configs" / "quickstart").glob("*.yaml")),
                          ids=lambda p: p.relative_to(ROOT / "configs").with_suffix("").as_posix())
 def test_every_config_prints(config, capsys):

@@ -99,18 +99,15 @@ def test_vllm_logprobs_and_weight_sync_match_the_trainer(tied, checkpoints, char
 
 @needs_vllm
 @pytest.mark.slow
-def test_fit_with_the_vllm_engine(checkpoints, tmp_path, monkeypatch):
+def test_fit_with_the_vllm_engine(checkpoints, tmp_path, monkeypatch, write_prompts):
     """`lit-opd fit --config opd` with rollout.engine vllm: the student moves, and vLLM's log-probs
     agree with the trainer's on every step's rollouts (rollout/logp_mismatch)."""
-    import json
-
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from helpers_cli import fit_and_check
 
     monkeypatch.chdir(tmp_path)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(8)))
+    data = write_prompts()
     models = {"student": checkpoints[True], "teacher": checkpoints[False]}
     fit_and_check("opd", models, str(data), tmp_path / "tb", "--model.init_args.rollout.engine=vllm",
                   "--model.init_args.rollout.vllm.gpu_memory_utilization=0.05",
@@ -227,17 +224,15 @@ def test_a_vllm_server_teacher_scores_and_samples_like_the_trainer(teacher_serve
 @needs_vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("config, where", [("topk_lsm", "colocated"), ("sg_opd", "server")])
-def test_fit_with_the_teacher_outside_the_trainer(config, where, teacher_server, checkpoints, tmp_path, monkeypatch):
+def test_fit_with_the_teacher_outside_the_trainer(config, where, teacher_server, checkpoints, tmp_path, monkeypatch,
+                                                 write_prompts):
     """`lit-opd fit` with vLLM rollouts and the teacher on a colocated vLLM engine (Teacher-TopK/LSM)
     or a vLLM server (SG-OPD: its teacher rollouts come from the server too); the truncated
     importance weight on, its mean logged."""
-    import json
-
     from helpers_cli import fit_and_check
 
     monkeypatch.chdir(tmp_path)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(8)))
+    data = write_prompts()
     models = {"student": checkpoints[True], "teacher": checkpoints[False]}
     teacher = (["--model.init_args.teacher_engine=vllm", f"--model.init_args.teacher_serving.kv_cache_memory_bytes={2**27}",
                 "--model.init_args.teacher_serving.max_model_len=256"] if where == "colocated"
@@ -250,12 +245,11 @@ def test_fit_with_the_teacher_outside_the_trainer(config, where, teacher_server,
 
 @needs_vllm
 @pytest.mark.slow
-def test_fit_on_two_processes_each_with_its_own_engine(checkpoints, tmp_path):
+def test_fit_on_two_processes_each_with_its_own_engine(checkpoints, tmp_path, write_prompts):
     """`lit-opd fit` under FSDP2 on 2 gloo processes with rollout.engine vllm: each rank runs its own
     engine (vLLM's external_launcher backend), the sharded student's weights reach it one tensor at a
     time, and its log-probs agree with the trainer's on both rollout batches (rollout/logp_mismatch,
     rank 0)."""
-    import json
     import os
     import subprocess
     import sys
@@ -264,8 +258,7 @@ def test_fit_on_two_processes_each_with_its_own_engine(checkpoints, tmp_path):
 
     from helpers_cli import OVERRIDES, ROOT, tiny_args
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(8)))
+    data = write_prompts()
     models = {"student": checkpoints[True], "teacher": checkpoints[False]}
     command = [sys.executable, "-m", "lit_opd", "fit", "--config", "opd", "--config", OVERRIDES,
                *tiny_args(models, str(data), "--model.init_args.rollout.engine=vllm",
