@@ -245,6 +245,33 @@ def test_fit_with_the_teacher_outside_the_trainer(config, where, teacher_server,
 
 @needs_vllm
 @pytest.mark.slow
+def test_sg_opd_with_vllm_rollouts_and_the_teacher_in_the_trainer(checkpoints, write_prompts, monkeypatch):
+    """SG-OPD with rollout.engine vllm and the teacher in the trainer: phased teacher sampling's
+    rollouts come from the teacher's own engine, so the student's vLLM engine only ever generates
+    with the student's weights."""
+    import lightning as L
+
+    from lit_opd.data.prompts import PromptDataModule
+    from lit_opd.gates import SignConsistencyGate
+    from lit_opd.modules import RolloutConfig, SampledTokenOPD
+    from lit_opd.rollout.vllm_engine import VLLMEngine, VLLMSettings
+
+    models, generate = [], VLLMEngine.generate
+    monkeypatch.setattr(VLLMEngine, "generate", lambda self, model, *args: models.append(model) or generate(self, model, *args))
+    vllm = VLLMSettings(kv_cache_memory_bytes=2**27, max_model_len=256)
+    module = SampledTokenOPD(student=checkpoints[True], teacher=checkpoints[False], dtype="float32",
+                             gates=[SignConsistencyGate()],
+                             rollout=RolloutConfig(num_samples=2, max_new_tokens=8, engine="vllm", vllm=vllm,
+                                                   teacher_phases=[(0, 1.0)]))
+    data = PromptDataModule(checkpoints[True], write_prompts(), prompts_per_rollout=2, reuse=1, num_minibatches=1)
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, data)
+    assert len(models) == 2 and all(model is module.student for model in models)
+    assert module.buffer.stats["train/teacher_rollout_fraction"] == 1.0
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_fit_on_two_processes_each_with_its_own_engine(checkpoints, tmp_path, write_prompts):
     """`lit-opd fit` under FSDP2 on 2 gloo processes with rollout.engine vllm: each rank runs its own
     engine (vLLM's external_launcher backend), the sharded student's weights reach it one tensor at a
