@@ -13,9 +13,8 @@ from lit_opd.rollout.teacher_engines import TeacherEngine
 
 class TrainerTeacher(nn.Module, TeacherEngine):
     """A frozen teacher held by the trainer. It is an `nn.Module` that the LightningModule registers
-    as `teacher`, so it moves to the device, is sharded with the student (`distribute`) and is
-    left out of checkpoints (the `teacher.` keys) like any submodule; GKD reads its full logits
-    from `scorer`.
+    as `teacher`, so it moves to the device with it, is sharded like the student (`distribute`) and
+    its `teacher.` keys are what checkpoints leave out; GKD reads its full logits from `scorer`.
 
     scorer: the frozen model as a `CausalLMScorer`; engine: its own generation engine for teacher
     rollouts (never the student's, whose weights a vLLM engine holds), called with at most
