@@ -99,26 +99,28 @@ def wrap_scorer_fsdp1(scorer: nn.Module, strategy) -> FullyShardedDataParallel:
     )
 
 
-def shard_scorers(module, policy: nn.Module, teacher: nn.Module | None, shard_teacher: bool) -> tuple[nn.Module, nn.Module]:
-    """The student and teacher scorers of the LightningModule `module` sharded for its trainer's
-    strategy: FSDP2 (`ModelParallelStrategy`): `shard_scorer` on its device mesh, mixed precision
-    from trainer.precision; FSDP1 (`FSDPStrategy`): `wrap_scorer_fsdp1` with the strategy's
-    settings. The teacher is sharded like the student with `shard_teacher`, else kept whole on
-    every rank (None: a teacher outside the trainer). Returns (policy, teacher): FSDP1 wraps, FSDP2
-    shards in place."""
+def place_scorer(module, scorer: nn.Module, shard: bool = True) -> nn.Module:
+    """`scorer` laid out for the strategy of the LightningModule `module`'s trainer: FSDP2
+    (`ModelParallelStrategy`): `shard_scorer` on its device mesh, mixed precision from
+    trainer.precision; FSDP1 (`FSDPStrategy`): `wrap_scorer_fsdp1` with the strategy's settings.
+    With shard=False it stays whole on every rank (moved to the device under FSDP1, which moves no
+    module itself). Returns the scorer: FSDP1 wraps, FSDP2 shards in place."""
     strategy = module.trainer.strategy
     if isinstance(strategy, FSDPStrategy):
-        policy = wrap_scorer_fsdp1(policy, strategy)
-        if teacher is None:
-            return policy, None
-        if shard_teacher:
-            return policy, wrap_scorer_fsdp1(teacher, strategy)
-        return policy, teacher.to(strategy.root_device)  # FSDPStrategy moves no module itself
-    mesh, mp_policy = fsdp_mesh(module.device_mesh), mixed_precision_policy(module.trainer.precision)
-    shard_scorer(policy, mesh, mp_policy)
-    if teacher is not None and shard_teacher:
-        shard_scorer(teacher, mesh, mp_policy)
-    return policy, teacher
+        return wrap_scorer_fsdp1(scorer, strategy) if shard else scorer.to(strategy.root_device)
+    if shard:
+        shard_scorer(scorer, fsdp_mesh(module.device_mesh), mixed_precision_policy(module.trainer.precision))
+    return scorer
+
+
+def clip_gradient_norm(module, scorer: nn.Module, optimizer, max_norm: float) -> None:
+    """Clip `scorer`'s gradients to global norm `max_norm`: under FSDP1 the wrapped scorer's
+    `clip_grad_norm_` (the norm of all shards, which Lightning's FSDP precision plugin does not
+    do); otherwise the LightningModule `module`'s `clip_gradients`."""
+    if isinstance(scorer, FullyShardedDataParallel):
+        scorer.clip_grad_norm_(max_norm)
+    else:
+        module.clip_gradients(optimizer, max_norm, "norm")
 
 
 @contextmanager

@@ -22,12 +22,11 @@ EVAL_CONFIG = str(ROOT / "configs" / "eval.yaml")
 
 
 @pytest.fixture(scope="module")
-def workspace(tiny_checkpoints, tmp_path_factory):
+def workspace(tiny_checkpoints, tmp_path_factory, write_prompts):
     """A fit config on the tiny models and the results of an earlier run of it (runs/bad/version_0:
     config, hparams, TensorBoard events, checkpoints) that no bad input may touch."""
     root = tmp_path_factory.mktemp("bad_inputs")
-    train = root / "train.jsonl"
-    train.write_text("".join(f'{{"problem": "{i}+{i}=?", "answer": "{2 * i}"}}\n' for i in range(8)))
+    train = write_prompts()
     other_teacher = root / "other_tokenizer_teacher"
     shutil.copytree(tiny_checkpoints["teacher"], other_teacher)
     tokenizer = AutoTokenizer.from_pretrained(other_teacher)
@@ -111,17 +110,18 @@ def digests(directory: Path) -> dict[str, str]:
 @pytest.fixture
 def model_loads(monkeypatch):
     """The roles of the models loaded (training modules and PolicyEvaluation)."""
-    import lit_opd.modules.base as base
+    import lit_opd.modules.assembly as assembly
     import lit_opd.modules.policy as policy
+    import lit_opd.rollout.factory as factory
 
-    loads, load = [], base.load_causal_lm
+    loads, load = [], assembly.load_causal_lm
 
     def counted(path, dtype, role, tokenizer=None):
         loads.append(role)
         return load(path, dtype, role, tokenizer)
 
-    monkeypatch.setattr(base, "load_causal_lm", counted)
-    monkeypatch.setattr(policy, "load_causal_lm", counted)
+    for module in (assembly, factory, policy):  # the student, the teacher in the trainer, a plain model
+        monkeypatch.setattr(module, "load_causal_lm", counted)
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # a name that is no dataset fails fast
     return loads
 

@@ -97,13 +97,9 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
+def prompts_file(write_prompts):
     """Prompts of one length, so that left padding is the same in every batch layout."""
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with path.open("w") as handle:
-        for i in range(10, 34):
-            handle.write(json.dumps({"id": i, "problem": f"{i}+{i + 1}=?", "answer": str(2 * i + 1)}) + "\n")
-    return str(path)
+    return write_prompts(range(10, 34), lambda i: f"{i}+{i + 1}=?", lambda i: 2 * i + 1)
 
 
 def fit_args(config, checkpoints, prompts_file, out, steps, prompts_per_rollout, max_steps, *extra, export=False,

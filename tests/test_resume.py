@@ -326,7 +326,8 @@ def no_model_loads(monkeypatch):
     def refuse(path, dtype, role, tokenizer=None):
         raise AssertionError(f"model.{role} was loaded before the resume was refused")
 
-    monkeypatch.setattr("lit_opd.modules.base.load_causal_lm", refuse)
+    monkeypatch.setattr("lit_opd.modules.assembly.load_causal_lm", refuse)  # the student
+    monkeypatch.setattr("lit_opd.rollout.factory.load_causal_lm", refuse)  # the teacher in the trainer
 
 
 @pytest.mark.parametrize(

@@ -26,9 +26,8 @@ UNIT_STATISTICS = ('--model.init_args.gates=[{"class_path": "lit_opd.gates.Drift
 
 
 @pytest.fixture
-def grid_file(tiny_checkpoints, tmp_path):
-    prompts, bench = tmp_path / "train.jsonl", tmp_path / "bench.jsonl"
-    prompts.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(8)))
+def grid_file(tiny_checkpoints, tmp_path, write_prompts):
+    prompts, bench = write_prompts(), tmp_path / "bench.jsonl"
     bench.write_text("".join(json.dumps({"id": str(i), "problem": f"{i}+1=?", "answer": str(i + 1)}) + "\n"
                              for i in range(3)))
     evaluation = [{"class_path": "lit_opd.callbacks.PassAtKEvaluation",

@@ -13,19 +13,11 @@ from lit_opd.cli import main
 from lit_opd.data.prompts import PromptDataModule
 from lit_opd.gates import DriftGate
 from lit_opd.modules import OptimConfig, RolloutConfig, SampledTokenOPD
+from lit_opd.rollout.scoring import score_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TRAINING_CONFIGS = [c for c in CONFIGS if c.stem not in ("eval", "defaults")]
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with path.open("w") as handle:
-        for i in range(24):
-            handle.write(json.dumps({"id": i, "problem": f"{i}+{i + 1}=?", "answer": str(2 * i + 1)}) + "\n")
-    return str(path)
 
 
 @pytest.mark.parametrize("config", CONFIGS + sorted((ROOT / "configs" / "quickstart").glob("*.yaml")),
@@ -55,7 +47,7 @@ class Recorder(SampledTokenOPD):
     def configure_model(self):
         super().configure_model()
         self.student_calls = 0
-        teacher_forward, student_forward = self.teacher.forward, self.policy.forward
+        teacher_forward, student_forward = self.teacher.scorer.forward, self.policy.forward
 
         def teacher_counted(*args, **kwargs):
             self.teacher_calls += 1
@@ -65,7 +57,7 @@ class Recorder(SampledTokenOPD):
             self.student_calls += 1
             return student_forward(*args, **kwargs)
 
-        self.teacher.forward, self.policy.forward = teacher_counted, student_counted
+        self.teacher.scorer.forward, self.policy.forward = teacher_counted, student_counted
 
     def log_step(self, mb, logp, gates, position_loss, reuse_index):
         drift = (logp.detach() - mb["old_logp"]).abs()[mb["response_mask"]].max().item()
@@ -112,7 +104,7 @@ def test_first_step_reads_behaviour_logprobs_off_its_own_forward(minibatches, re
     make_trainer(minibatches * reuse).fit(module, data)
     assert module.student_calls == forwards
     for mb in module.buffer.minibatches:
-        torch.testing.assert_close(mb["old_logp"], module.collector.score(module.policy, mb)["logp"],
+        torch.testing.assert_close(mb["old_logp"], score_rows(module.policy, mb, module.collector.scoring)["logp"],
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -123,7 +115,7 @@ def test_the_student_trains_in_train_mode_so_gradient_checkpointing_is_on(tiny_c
     class Probe(Recorder):
         def micro_step(self, *args, **kwargs):
             model = self.student.model
-            seen.append((self.student.training, model.gradient_checkpointing, self.teacher.model.training))
+            seen.append((self.student.training, model.gradient_checkpointing, self.teacher.scorer.model.training))
             return super().micro_step(*args, **kwargs)
 
     module = make_module(tiny_checkpoints, cls=Probe, gradient_checkpointing=True)
@@ -194,7 +186,7 @@ def test_validate_a_plain_hf_model_through_the_cli(tiny_checkpoints, tmp_path, m
 def test_the_frozen_teacher_is_bfloat16_under_bf16_mixed_else_the_students_dtype():
     """A float32 config under 32-true precision (the quickstart) keeps a float32 teacher; under
     bf16-mixed the teacher computes in bfloat16 anyway and is loaded so; an explicit dtype wins."""
-    from lit_opd.modules.settings import frozen_teacher_dtype
+    from lit_opd.loading import frozen_teacher_dtype
 
     assert frozen_teacher_dtype(None, "float32", "bf16-mixed") == "bfloat16"
     assert frozen_teacher_dtype(None, "float32", "32-true") == "float32"

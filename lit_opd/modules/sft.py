@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader
 from lit_opd.data.records import field, load_records
 from lit_opd.data.templates import MATH_INSTRUCTION, PromptTemplate
 from lit_opd.logprobs import token_logprobs
-from lit_opd.modules.loading import load_causal_lm, load_tokenizer
-from lit_opd.modules.settings import DType
+from lit_opd.loading import DType, load_causal_lm, load_tokenizer
 
 IGNORE_INDEX = -100
 

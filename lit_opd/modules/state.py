@@ -1,13 +1,17 @@
 """What a distillation module adds to a Lightning checkpoint for an exact resume: the settings
 its rollout buffer and data position depend on (refused if a resumed run changes them), every
-rank's rollout buffer and sampling generator, and the non-finite step counters."""
+rank's rollout buffer and sampling generator, and the non-finite step counters; and the
+checkpoint written before a run stops for an unreachable teacher."""
+
+from contextlib import contextmanager
 
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_opd.checkpointing import check_resume_layout, gather_rank_states, resume_layout
+from lit_opd.checkpointing import check_resume_layout, gather_rank_states, resume_layout, save_last_checkpoint
 from lit_opd.modules.step import NonfiniteGuard
 from lit_opd.rollout.buffer import RolloutBuffer
+from lit_opd.rollout.teacher_engines import TeacherUnreachable
 
 
 def check_opens_rollout(batch: dict, buffer: RolloutBuffer | None) -> None:
@@ -57,3 +61,20 @@ def restore_training_state(
         generator.set_state(mine["generator"])
     rank_zero_info("restored the rollout buffer and sampling generator from the checkpoint")
     return buffer, generator
+
+
+@contextmanager
+def checkpoint_if_teacher_unreachable(trainer, generator: torch.Generator):
+    """Runs the body (a rollout collection); if a teacher server stayed unreachable on any rank,
+    every rank puts `generator` back, a checkpoint of the last finished step is written, and
+    TeacherUnreachable stops the run. A collective: every rank enters and leaves together."""
+    generator_state, unreachable = generator.get_state(), None
+    try:
+        yield
+    except TeacherUnreachable as error:
+        unreachable = error
+    if trainer.strategy.reduce_boolean_decision(unreachable is not None, all=False):
+        generator.set_state(generator_state)
+        path = save_last_checkpoint(trainer)
+        raise TeacherUnreachable(f"{unreachable or 'a teacher server of another rank did not answer'}; wrote "
+                                 f"{path}: resume with --ckpt_path last") from None

@@ -22,17 +22,19 @@ from lit_opd.sharding import full_tensors
 class VLLMSettings:
     """The vLLM engine's settings (`model.init_args.rollout.vllm`).
 
-    gpu_memory_utilization: the share of the device's memory vLLM may take for weights and KV
-        cache (on the CPU backend: of host memory, less all the process holds; vLLM's own default
-        0.92 leaves nothing to training). kv_cache_memory_bytes: the KV cache's size instead (None:
-        from the share; on CPU a second engine in one process needs it). max_model_len: prompt + response tokens per row (None: the model's).
-    enable_sleep_mode: on CUDA, release the KV cache and weights between rollout batches so
-        training gets the memory back (one sleep-mode engine per process). enforce_eager: no CUDA
-        graphs. dtype: the engine's weights ("auto": the checkpoint's).
-    importance_cap: C of the truncated importance weight min(π_old/π_vLLM, C) that multiplies each
-        sampled token's loss, correcting for vLLM's probabilities differing from the trainer's
-        (`losses.truncated_importance_weight`; None: off). Its mean is logged
-        (rollout/importance_weight_mean), as is the mismatch itself (rollout/logp_mismatch).
+    Args:
+        gpu_memory_utilization: the share of device memory vLLM may take for weights and KV cache (on
+            CPU: of host memory less all the process holds; vLLM's own 0.92 leaves nothing to training).
+        kv_cache_memory_bytes: the KV cache's size instead (None: from the share; on CPU a second
+            engine in one process needs it).
+        max_model_len: prompt + response tokens per row (None: the model's).
+        enable_sleep_mode: on CUDA, release the KV cache and weights between rollout batches so
+            training gets the memory back (one sleep-mode engine per process).
+        enforce_eager: no CUDA graphs.
+        dtype: the engine's weights ("auto": the checkpoint's).
+        importance_cap: C of the truncated importance weight min(π_old/π_vLLM, C) on each sampled
+            token's loss, for vLLM's probabilities differing from the trainer's (None: off); its mean
+            is logged (rollout/importance_weight_mean), as is rollout/logp_mismatch.
     """
 
     gpu_memory_utilization: float = 0.3

@@ -1,11 +1,22 @@
 """Loading what a module runs on: tokenizers, HF causal LMs and the checks that student and
 teacher fit together (one vocabulary, enough embedding rows). Shared by the distillation, SFT and
-evaluation modules; every error names the YAML field it came from."""
+evaluation modules and the teacher factory; every error names the YAML field it came from."""
+
+from typing import Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lit_opd.modules.settings import DType
+DType = Literal["float32", "bfloat16", "float16"]
+
+
+def frozen_teacher_dtype(teacher_dtype: DType | None, dtype: DType, precision: str | None) -> DType:
+    """The frozen teacher's dtype: `teacher_dtype` if set; else bfloat16 under bf16-mixed precision,
+    which computes the teacher in bfloat16 anyway (a float32 copy would only double its memory);
+    else the student's `dtype`."""
+    if teacher_dtype is not None:
+        return teacher_dtype
+    return "bfloat16" if precision is not None and str(precision).startswith("bf16") else dtype
 
 
 def load_tokenizer(path: str, role: str):
