@@ -163,7 +163,7 @@ def generation(paths: dict, shape: dict, missing: list[str]) -> dict:
     if device == "cuda":
         engines["static_cuda_graphs"] = StaticCacheEngine(cuda_graphs=True)
     if importlib.util.find_spec("vllm") is not None:
-        from lit_opd.rollout.engine import build_engine
+        from lit_opd.rollout.factory import build_engine
         from lit_opd.rollout.vllm_engine import VLLMSettings
 
         settings = VLLMSettings(gpu_memory_utilization=0.3, kv_cache_memory_bytes=None if device == "cuda" else 2**28)
