@@ -15,6 +15,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lit_opd.data.benchmarks import BENCHMARKS, Problem, benchmark_name, load_problems
 from lit_opd.data.templates import MATH_INSTRUCTION, PromptTemplate
 from lit_opd.evaluation import PassAtKMetric, ProblemResult, evaluate
+from lit_opd.ranges import check_range
 from lit_opd.rollout.engine import SamplingConfig
 from lit_opd.verify import DEFAULT_TIMEOUT, Verifier, available_cpus
 
@@ -88,6 +89,13 @@ class PassAtKEvaluation(L.Callback):
             raise ValueError(f"every_n_steps must be ≥ 1 or None, got {every_n_steps}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        key = "PassAtKEvaluation"
+        check_range(f"{key}.temperature", temperature, 0)
+        check_range(f"{key}.top_p", top_p, 0, 1, low_open=True)
+        check_range(f"{key}.max_new_tokens", max_new_tokens, 1)
+        check_range(f"{key}.max_problems", max_problems, 1, optional=True)
+        check_range(f"{key}.verify_timeout", verify_timeout, 0, low_open=True)
+        check_range(f"{key}.verify_workers", verify_workers, 1, optional=True)
         self.benchmarks, self.n, self.ks = list(benchmarks), n, sorted(set(ks))
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         self.every_n_steps, self.at_start, self.at_end = every_n_steps, at_start, at_end

@@ -3,6 +3,10 @@
 - `AtomicCheckpointIO` writes a checkpoint to a temporary file beside it, fsyncs it and renames it
   over the target (`os.replace`): a reader, and `--ckpt_path last`, sees the previous checkpoint
   or the new one, never part of one. `lit-opd` uses it unless the trainer is given its own.
+- `AtomicShardedSave`: the same for a sharded checkpoint (a directory, one shard per rank: FSDP2's
+  ModelParallelStrategy, FSDP1's FSDPStrategy with sharded state dicts), which `os.replace` cannot
+  swap: every rank writes into a staging directory, and after a barrier rank 0 renames the old
+  checkpoint aside and the staged one in (`swap_in`; `recover_swap` finishes a swap a kill cut).
 - `find_last_checkpoint`: what `--ckpt_path last` means to a user, the newest `last.ckpt` of
   earlier runs under the same logger name (Lightning looks only in the new run's own, empty,
   version directory).
@@ -15,6 +19,7 @@
 
 import os
 import pickle
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -23,7 +28,8 @@ import torch
 import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.load import _METADATA_FILENAME
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
 PARTIAL_SUFFIX = ".partial"
 
@@ -43,12 +49,7 @@ def atomic_save(obj: Any, path: Path) -> None:
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
-    if hasattr(os, "O_DIRECTORY"):
-        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+    fsync_directory(path.parent)
     for stale in path.parent.glob(f".{path.name}.*{PARTIAL_SUFFIX}"):
         stale.unlink(missing_ok=True)
 
@@ -70,10 +71,144 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             raise ValueError(f"{path}: not a readable checkpoint ({one_line(error)})") from error
 
 
+def fsync_directory(directory: Path) -> None:
+    """Make the renames in `directory` survive a power loss (where the OS allows it)."""
+    if hasattr(os, "O_DIRECTORY"):
+        handle = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
+
+
+# ----------------------------------------------------------------- sharded checkpoints
+SHARDS_METADATA = ".metadata"  # torch.distributed.checkpoint's, written after every rank's shards
+
+
+def staging_path(path: Path) -> Path:
+    """Where the sharded checkpoint `path` is written first: a hidden name that neither
+    `--ckpt_path last` nor ModelCheckpoint's `last*.ckpt` ever match."""
+    return path.with_name(f".{path.name}.staging")
+
+
+def aside_path(path: Path) -> Path:
+    """Where the checkpoint `path` is renamed while its successor is renamed in."""
+    return path.with_name(f".{path.name}.aside")
+
+
+def is_complete_sharded(path: Path) -> bool:
+    """A sharded checkpoint directory every rank finished: the shards' index (written once all
+    shards are) and Lightning's metadata (written after it)."""
+    return (path / SHARDS_METADATA).is_file() and (path / _METADATA_FILENAME).is_file()
+
+
+def remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def swap_in(staging: Path, path: Path, reached=lambda point: None) -> None:
+    """Put the complete checkpoint `staging` at `path`: the old one (if any) is renamed aside, the
+    staged one renamed in, then the old one removed. A kill between the two renames leaves no
+    `path`: `recover_swap` then renames the staged one in. `reached(point)` is called after each
+    step ("set_aside", "swapped"; a test kills the process there)."""
+    aside = aside_path(path)
+    if path.exists() or path.is_symlink():
+        remove(aside)
+        os.rename(path, aside)
+        reached("set_aside")
+    os.rename(staging, path)
+    fsync_directory(path.parent)
+    reached("swapped")
+    remove(aside)
+
+
+def recover_swap(path: Path) -> None:
+    """Finish a swap (`swap_in`) that a kill cut between its two renames: with no `path` but a
+    set-aside one, the staged checkpoint is complete (it is set aside only then) and is renamed
+    in; were it not, the set-aside one would be renamed back. Safe to run on every rank at once."""
+    aside, staging = aside_path(path), staging_path(path)
+    if path.exists() or not aside.exists():
+        return
+    try:
+        os.rename(staging if is_complete_sharded(staging) else aside, path)
+    except FileNotFoundError:  # another process renamed it first
+        pass
+
+
+def recover_swaps(directory: Path) -> None:
+    """`recover_swap` for every checkpoint of `directory` that has a set-aside one."""
+    for aside in Path(directory).glob(".*.aside"):
+        recover_swap(aside.with_name(aside.name[1 : -len(".aside")]))
+
+
+class AtomicShardedSave:
+    """A strategy mixin (listed after the strategy: `use_atomic_checkpoint_io` can then give a
+    strategy object its subclass): a sharded checkpoint (a directory, each rank writing its shard)
+    is complete or absent at its name. Every rank writes into `staging_path(path)`; after a barrier
+    rank 0 swaps it in (`swap_in`), and the others wait for it. Other checkpoints are saved as the
+    strategy does."""
+
+    __slots__ = ()
+
+    def writes_directory(self) -> bool:
+        if isinstance(self, ModelParallelStrategy):
+            return self._save_distributed_checkpoint
+        return getattr(self, "_state_dict_type", None) == "sharded"
+
+    def save_staged(self, save, checkpoint: dict[str, Any], filepath, storage_options: Any | None) -> None:
+        """`save(checkpoint, filepath, storage_options)` (the strategy's own), staged and swapped in
+        when it writes a directory."""
+        if not self.writes_directory():
+            return save(checkpoint, filepath, storage_options)
+        path = Path(self.broadcast(str(filepath)))
+        staging = staging_path(path)
+        if self.is_global_zero:
+            remove(staging)  # left by a save that was killed
+            if path.exists():
+                remove(aside_path(path))
+        self.barrier("lit_opd_staging_clean")
+        save(checkpoint, staging, storage_options)
+        self.reached("shards_written")
+        self.barrier("lit_opd_staging_written")
+        if self.is_global_zero:
+            self.reached("staged")
+            swap_in(staging, path, self.reached)
+        self.barrier("lit_opd_swapped")
+
+    def reached(self, point: str) -> None:
+        """Called at each point of a sharded save ("shards_written" on every rank; "staged",
+        "set_aside", "swapped" on rank 0); does nothing (tests kill a process here)."""
+
+
+class AtomicModelParallelStrategy(ModelParallelStrategy, AtomicShardedSave):
+    """Lightning's ModelParallelStrategy (FSDP2) with sharded checkpoints swapped in whole."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        self.save_staged(super().save_checkpoint, checkpoint, filepath, storage_options)
+
+
+class AtomicFSDPStrategy(FSDPStrategy, AtomicShardedSave):
+    """Lightning's FSDPStrategy (FSDP1) with sharded checkpoints swapped in whole."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], filepath, storage_options: Any | None = None) -> None:
+        self.save_staged(super().save_checkpoint, checkpoint, filepath, storage_options)
+
+
+ATOMIC_STRATEGIES = {ModelParallelStrategy: AtomicModelParallelStrategy, FSDPStrategy: AtomicFSDPStrategy}
+
+
 def use_atomic_checkpoint_io(trainer) -> None:
-    """Give the trainer's strategy an AtomicCheckpointIO, unless it was configured with its own."""
+    """Make the trainer's checkpoints atomic: its strategy gets an AtomicCheckpointIO, unless it was
+    configured with its own, and Lightning's ModelParallelStrategy or FSDPStrategy becomes its
+    `AtomicShardedSave` subclass (the same object and state; only sharded saves change)."""
     if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+    atomic = ATOMIC_STRATEGIES.get(type(trainer.strategy))
+    if atomic is not None:
+        trainer.strategy.__class__ = atomic
 
 
 def read_checkpoint(path) -> dict[str, Any]:
@@ -81,6 +216,10 @@ def read_checkpoint(path) -> dict[str, Any]:
     commits to loading it. For a sharded (directory) checkpoint, its metadata file."""
     path = Path(path)
     if path.is_dir():
+        if not is_complete_sharded(path):
+            missing = [name for name in (SHARDS_METADATA, _METADATA_FILENAME) if not (path / name).is_file()]
+            raise ValueError(f"{path}: a torn sharded checkpoint (no {' and no '.join(missing)}): a save was cut "
+                             f"short; resume from another checkpoint")
         path = path / _METADATA_FILENAME
     if path.is_file() and not zipfile.is_zipfile(path):
         raise ValueError(f"{path}: not a checkpoint (a torch.save archive is a zip file; this is not)")
@@ -123,9 +262,12 @@ def find_last_checkpoint(trainer, continue_run: bool) -> str | None:
             continue
         pattern = f"{callback.CHECKPOINT_NAME_LAST}*{callback.FILE_EXTENSION}"
         if callback.dirpath is not None:
+            recover_swaps(Path(callback.dirpath))
             found += [(p, None) for p in Path(callback.dirpath).glob(pattern)]
         elif versioned:
             root = Path(logger.save_dir or trainer.default_root_dir) / str(logger.name or "")
+            for directory in root.glob("version_*/checkpoints"):
+                recover_swaps(directory)
             for path in root.glob(f"version_*/checkpoints/{pattern}"):
                 version = path.parent.parent.name.removeprefix("version_")
                 if version.isdigit():

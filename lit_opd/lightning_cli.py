@@ -7,11 +7,12 @@ DataModule, and `fit_run`, the same for Python callers (the quickstart).
 """
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lit_opd.checkpointing import (
     check_resume_layout,
@@ -30,6 +31,40 @@ DEFAULTS = {"fit": {"default_config_files": [str(config_file("defaults"))]}}
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
 
 
+class OPDArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one line: `lit-opd: error: <key>: <reason>` and exit
+    status 2, without the 80 lines of usage (`lit-opd <subcommand> --help` lists the options)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        self._logger.error(message)
+        sys.stderr.write(f"lit-opd: error: {condensed_parse_error(message)}\n")
+        self.exit(2)
+
+
+def condensed_parse_error(message: str) -> str:
+    """jsonargparse's error `message` in one line. A value that fits no type of a union (an unknown
+    or broken class_path, nested at any depth) becomes its key in CLI spelling
+    (model.init_args.gates) and the innermost reason; any other message is joined into one line."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return " ".join(message.split())
+    keys, class_path, reason = [], None, None
+    for line in message.splitlines():
+        text = line.strip()
+        if match := re.match(r'Parser key "([^"]+)"', text):
+            keys.append(match.group(1))
+        elif match := re.match(r"- Problem with given class_path '([^']+)'", text):
+            class_path = match.group(1)
+            keys.append("init_args")
+        elif text and not re.match(r"(Does not validate|Subtypes:|Errors:|Given value|- Expected a <class)", text):
+            reason = reason or text
+    while keys and keys[-1] == "init_args":
+        keys.pop()
+    where = ".".join(keys) or "a value"
+    return f"{where}: class_path {class_path!r}: {reason}" if class_path else f"{where}: {reason}"
+
+
 class OPDCLI(LightningCLI):
     """LightningCLI with the tokenizer set once (data.tokenizer → model.init_args.tokenizer) and
     checkpoints written atomically. `--ckpt_path` is resolved and checked before any model loads:
@@ -40,6 +75,7 @@ class OPDCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
         super().__init__(datamodule_class=PromptDataModule, subclass_mode_model=True, parser_kwargs=DEFAULTS,
+                         parser_class=OPDArgumentParser,
                          save_config_kwargs={"overwrite": True}, args=args, run=run)
 
     def add_arguments_to_parser(self, parser) -> None:

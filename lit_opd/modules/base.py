@@ -26,6 +26,7 @@ from lit_opd.logprobs import CausalLMScorer
 from lit_opd.losses import Reduction, gated_reduce
 from lit_opd.modules.collection import RolloutCollector
 from lit_opd.modules.loading import check_same_vocabulary, load_causal_lm, load_tokenizer
+from lit_opd.modules.setting_checks import check_step_settings
 from lit_opd.modules.settings import DType, OptimConfig, RolloutConfig, frozen_teacher_dtype
 from lit_opd.modules.state import check_opens_rollout, drop_teacher_keys, restore_training_state, training_state
 from lit_opd.modules.micro_batches import scatter_rows, step_micro_batches, take_micro_batch
@@ -101,6 +102,7 @@ class DistillationModule(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        check_step_settings(chunk_size, micro_batch_tokens, max_nonfinite_steps)
         self.save_hyperparameters(ignore=["gates"])
         self.student_path, self.teacher_path, self.dtype_name = student, teacher, dtype
         self.teacher_dtype_name = teacher_dtype

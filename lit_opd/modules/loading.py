@@ -3,7 +3,7 @@ teacher fit together (one vocabulary, enough embedding rows). Shared by the dist
 evaluation modules; every error names the YAML field it came from."""
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from lit_opd.modules.settings import DType
 
@@ -33,6 +33,30 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, te
         f"({len(s)} vs {len(t)} tokens; only in student: {only_s}; only in teacher: {only_t}; "
         f"different ids: {moved}): on-policy distillation needs one shared vocabulary"
     )
+
+
+def embedding_rows(path: str) -> int | None:
+    """The vocabulary rows of the model at `path` from its config alone (no weights read); None
+    where the config cannot be read here (then loading the model reports it)."""
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception:
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(config, "vocab_size", None)
+
+
+def check_top_k_fits(top_k: int, excluded: int, tokenizer, student: str, teacher: str) -> None:
+    """Before any model loads: the teacher's top-K support (K ids once `excluded` special tokens are
+    dropped) fits in the vocabulary, and every id it can name is a row of the student's lm_head
+    (a teacher with more embedding rows than the student could name one the student has not)."""
+    if top_k + excluded > len(tokenizer):
+        raise ValueError(f"model.init_args.top_k: {top_k} (+ {excluded} masked special tokens) is more than the "
+                         f"{len(tokenizer)} tokens of the vocabulary")
+    student_rows, teacher_rows = embedding_rows(student), embedding_rows(teacher)
+    if student_rows is not None and teacher_rows is not None and teacher_rows > student_rows:
+        raise ValueError(f"model.init_args.teacher: {teacher!r} has {teacher_rows} embedding rows, more than the "
+                         f"student's {student_rows}: its top-K could name ids the student has no row for")
 
 
 def load_causal_lm(path: str, dtype: DType, role: str, tokenizer=None):

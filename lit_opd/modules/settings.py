@@ -7,6 +7,7 @@ from typing import Literal
 
 import torch
 
+from lit_opd.modules.setting_checks import check_optim_settings, check_rollout_settings
 from lit_opd.rollout.engine import EngineName, SamplingConfig
 from lit_opd.rollout.teacher_engines import TeacherServing
 from lit_opd.rollout.vllm_engine import VLLMSettings
@@ -59,8 +60,7 @@ class RolloutConfig:
     teacher_phases: list[tuple[int, float]] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.generate_batch_size < 0:
-            raise ValueError(f"rollout.generate_batch_size must be ≥ 0 (0: all rows at once), got {self.generate_batch_size}")
+        check_rollout_settings(self)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k)
@@ -77,6 +77,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     gradient_clip_val: float | None = None
+
+    def __post_init__(self):
+        check_optim_settings(self)
 
     def build(self, params) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
         """(AdamW over `params`, its per-step schedule: lr·min(1, (step + 1) / (warmup_steps + 1)))."""
