@@ -12,7 +12,9 @@
   version directory).
 - `resume_layout` / `check_resume_layout`: the settings a checkpoint's rollout buffer and data
   position depend on; resuming with other values is refused.
-- `save_last_checkpoint`: `last.ckpt` written by the run itself before it stops on an error.
+- `check_resume`: that, and a buffer that holds what the configured gates read.
+- `save_last_checkpoint`: `last.ckpt` written by the run itself before it stops on an error;
+  `FinalCheckpoint`: written at the end of a fit whose last step no checkpoint holds.
 - `gather_rank_states`: per-rank state (each rank's rollout buffer and sampling generator) brought
   to rank 0, which alone writes the checkpoint.
 """
@@ -238,13 +240,27 @@ def save_last_checkpoint(trainer) -> str:
     """Write `last.ckpt` beside the run's other checkpoints (its ModelCheckpoint's directory, else
     <default_root_dir>/checkpoints), where `--ckpt_path last` finds it; a collective. Called in a
     training step before it changed anything, it is the last finished step's: resuming re-runs the
-    step. Returns its path."""
+    step. Returns what happened, for the message of the error that stops the run: the path written
+    and how to resume, or that nothing was written (trainer.enable_checkpointing is false)."""
     callback = trainer.checkpoint_callback
-    directory = callback.dirpath if callback is not None and callback.dirpath else os.path.join(
-        trainer.default_root_dir, "checkpoints")
+    if callback is None:
+        return ("nothing was written (trainer.enable_checkpointing is false): a rerun starts over; enable "
+                "checkpointing to keep the finished steps")
+    directory = callback.dirpath if callback.dirpath else os.path.join(trainer.default_root_dir, "checkpoints")
     path = os.path.join(directory, "last.ckpt")
     trainer.save_checkpoint(path)
-    return path
+    return f"wrote {path}: resume with --ckpt_path last"
+
+
+class FinalCheckpoint(Callback):
+    """Whenever checkpointing is on, the last step of a fit is saved: at the end of fit, a run whose
+    ModelCheckpoint last saved an earlier step (max_steps not a multiple of every_n_train_steps)
+    writes `last.ckpt` (`save_last_checkpoint`)."""
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback._last_global_step_saved != trainer.global_step:
+            save_last_checkpoint(trainer)
 
 
 def find_last_checkpoint(trainer, continue_run: bool) -> str | None:
@@ -286,8 +302,9 @@ def find_last_checkpoint(trainer, continue_run: bool) -> str | None:
 # ------------------------------------------------------------------------------- layout
 def resume_layout(module, datamodule, trainer) -> dict[str, Any]:
     """The settings a checkpoint's rollout buffer and data position depend on, by their CLI names:
-    the variant, the teacher that scored the buffer, the rows and normalisers of the buffer
-    (num_samples, teacher top-K, reduction, processes) and the step → rollout
+    the variant, the student's shape (its weights and optimiser state), the teacher that scored the
+    buffer, the rows and normalisers of the buffer (num_samples, teacher top-K, reduction,
+    processes) and the step → rollout
     mapping of the data schedule (prompts_per_rollout, reuse, num_minibatches)."""
     teacher = module.teacher_path
     layout = {
@@ -298,11 +315,41 @@ def resume_layout(module, datamodule, trainer) -> dict[str, Any]:
         "model.init_args.top_k": module.teacher_top_k,
         "processes (trainer.num_nodes × trainer.devices)": trainer.num_nodes * trainer.num_devices,
     }
+    shape = model_shape(module.student_path)
+    if shape is not None:
+        layout["model.init_args.student (hidden size, layers, vocabulary rows)"] = shape
     hparams = getattr(datamodule, "hparams", {})
     for name in ("prompts_per_rollout", "reuse", "num_minibatches"):
         if name in hparams:
             layout[f"data.{name}"] = hparams[name]
     return layout
+
+
+def model_shape(path: str) -> tuple[int, int, int] | None:
+    """(hidden size, layers, vocabulary rows) of the HF model at `path` from its config alone; None
+    where its config cannot be read here."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except Exception:
+        return None
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return config.hidden_size, config.num_hidden_layers, config.vocab_size
+
+
+def check_resume(state: dict[str, Any], module, datamodule, trainer, source: str) -> None:
+    """Refuse to resume from `state` (checkpoint["lit_opd"] of `source`) where this run would misread
+    it: another layout (`check_resume_layout`), or a gate that reads verifier verdicts the
+    checkpoint's rollout buffer was collected without (a sign gate added on resume)."""
+    check_resume_layout(state["layout"], resume_layout(module, datamodule, trainer), source)
+    needing = [type(gate).__name__ for gate in module.gates if gate.needs_verdicts]
+    buffers = [rank["buffer"] for rank in state["ranks"] if rank.get("buffer") is not None]
+    if needing and any("correct" not in mb for buffer in buffers for mb in buffer["minibatches"]):
+        raise ValueError(
+            f"cannot resume from {source}: model.init_args.gates has {', '.join(needing)}, which reads verifier "
+            f"verdicts, but the checkpoint's rollout buffer was collected without them: resume with the "
+            f"checkpoint's gates, or add the gate from a checkpoint at a rollout batch's end")
 
 
 def check_resume_layout(saved: dict[str, Any], current: dict[str, Any], source: str) -> None:
@@ -314,8 +361,8 @@ def check_resume_layout(saved: dict[str, Any], current: dict[str, Any], source: 
     ]
     if changed:
         raise ValueError(
-            f"cannot resume from {source}: {'; '.join(changed)}. Its rollout buffer and data position depend "
-            f"on these settings: resume with the checkpoint's values, or start a new run from its weights"
+            f"cannot resume from {source}: {'; '.join(changed)}. Its weights, rollout buffer and data position "
+            f"depend on these settings: resume with the checkpoint's values, or start a new run from its weights"
         )
 
 

@@ -15,15 +15,15 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lit_opd.checkpointing import (
-    check_resume_layout,
+    check_resume,
     find_last_checkpoint,
     one_line,
     read_checkpoint,
-    resume_layout,
     use_atomic_checkpoint_io,
 )
 from lit_opd.configs import config_file
 from lit_opd.data.prompts import PromptDataModule
+from lit_opd.rollout.teacher_engines import TeacherUnreachable
 
 DEFAULTS = {"fit": {"default_config_files": [str(config_file("defaults"))]}}
 # lit-opd passes `args` on purpose (sys.argv's with shipped config names resolved, or a quickstart
@@ -95,6 +95,7 @@ class OPDCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_manual_optimisation(self.trainer)
+        check_teacher_retry_budget(self.model, self.trainer)
         self.resolve_checkpoint("fit")
 
     def before_validate(self) -> None:
@@ -121,8 +122,7 @@ class OPDCLI(LightningCLI):
         if subcommand != "fit":
             return
         if "lit_opd" in checkpoint and hasattr(self.model, "teacher_path"):
-            layout = resume_layout(self.model, self.datamodule, self.trainer)
-            check_resume_layout(checkpoint["lit_opd"]["layout"], layout, path)
+            check_resume(checkpoint["lit_opd"], self.model, self.datamodule, self.trainer, path)
         for callback in self.trainer.callbacks:
             if isinstance(callback, SaveConfigCallback) and self.trainer.log_dir is not None:
                 if os.path.exists(os.path.join(self.trainer.log_dir, callback.config_filename)):
@@ -138,6 +138,19 @@ def check_manual_optimisation(trainer) -> None:
     if trainer.accumulate_grad_batches != 1:
         raise ValueError("trainer.accumulate_grad_batches: an optimiser step is one mini-batch (data.num_minibatches "
                          "per epoch over a rollout batch); to bound its memory set model.init_args.micro_batch_tokens")
+
+
+def check_teacher_retry_budget(module, trainer) -> None:
+    """With several processes, a rank waiting on a teacher server must give up (and the run write
+    its checkpoint on every rank) before the others, blocked in a collective, hit its timeout."""
+    serving, timeout = getattr(module, "teacher_serving", None), getattr(trainer.strategy, "_timeout", None)
+    if not getattr(module, "teacher_url", None) or timeout is None or trainer.num_nodes * trainer.num_devices == 1:
+        return
+    if serving.give_up_after_s() >= timeout.total_seconds():
+        raise ValueError(
+            f"model.init_args.teacher_serving: {serving.retries + 1} tries × timeout_s {serving.timeout_s:g} s + backoff "
+            f"= {serving.give_up_after_s():g} s, beyond the strategy's collective timeout of "
+            f"{timeout.total_seconds():g} s: lower retries or timeout_s, or raise trainer.strategy.init_args.timeout")
 
 
 def resolve_config_names(args: list[str]) -> list[str]:
@@ -165,6 +178,8 @@ def run_lightning(args: list[str]) -> None:
     """`lit-opd <fit|validate|test> ...`: input errors lit_opd raises end the process with one line."""
     try:
         OPDCLI(args=resolve_config_names(args))
+    except TeacherUnreachable as error:  # a checkpoint is written (or said not to be): one line says it all
+        sys.exit(f"lit-opd: error: {one_line(error)}")
     except ValueError as error:
         input_error = lit_opd_input_error(error)
         if input_error is None:

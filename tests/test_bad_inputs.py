@@ -7,6 +7,7 @@ were. A prompt over the length limit is no error: it is dropped and counted."""
 import hashlib
 import json
 import shutil
+import socket
 from pathlib import Path
 
 import datasets
@@ -85,6 +86,12 @@ def validate_args(ws, *extra):
 TOPK = "--model.class_path=lit_opd.modules.TeacherTopKLSM"
 
 
+def closed_port() -> int:
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        return closed.getsockname()[1]
+
+
 def gates(*gate: dict) -> str:
     return f"--model.init_args.gates={json.dumps(list(gate))}"
 
@@ -137,6 +144,15 @@ CASES = [
      ["model.init_args.teacher:", "wide_teacher", "embedding rows, more than the student's"], False),
     ("max_prompts_zero", lambda ws: fit_args(ws, "--data.max_prompts=0"),
      ["data.max_prompts must be ≥ 1 or null, got 0"], False),
+    ("teacher_retry_budget_beyond_the_collective_timeout",
+     lambda ws: fit_args(ws, "--model.init_args.teacher_url=http://127.0.0.1:9",
+                         "--model.init_args.teacher_serving.timeout_s=600", "--trainer.devices=2",
+                         f"--trainer.strategy={ROOT / 'configs' / 'strategies' / 'fsdp2_cpu.yaml'}"),
+     ["model.init_args.teacher_serving: 6 tries × timeout_s 600 s + backoff = 3662 s, beyond the strategy's "
+      "collective timeout of 1800 s", "trainer.strategy.init_args.timeout"], False),
+    ("teacher_server_unreachable", lambda ws: fit_args(ws, f"--model.init_args.teacher_url=http://127.0.0.1:{closed_port()}",
+                                                       "--model.init_args.teacher_serving.retries=0"),
+     ["did not answer in 1 tries", "; wrote ", "last.ckpt: resume with --ckpt_path last"], True),
     ("eval_top_p", lambda ws: validate_args(ws, "--trainer.callbacks.init_args.top_p=1.5"),
      ["PassAtKEvaluation.top_p must be in (0, 1], got 1.5"], False),
     ("malformed_line", lambda ws: fit_args(ws, f"--data.train_data={BAD / 'malformed_line.jsonl'}"),

@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from lit_opd.checkpointing import save_last_checkpoint
+from lit_opd.checkpointing import FinalCheckpoint, save_last_checkpoint
 from lit_opd.data.templates import PromptTemplate, datamodule_template
 from lit_opd.gates import Gate
 from lit_opd.logprobs import CausalLMScorer
@@ -28,7 +28,8 @@ from lit_opd.modules.collection import RolloutCollector
 from lit_opd.modules.loading import check_same_vocabulary, load_causal_lm, load_tokenizer
 from lit_opd.modules.setting_checks import check_step_settings
 from lit_opd.modules.settings import DType, OptimConfig, RolloutConfig, frozen_teacher_dtype
-from lit_opd.modules.state import check_opens_rollout, drop_teacher_keys, restore_training_state, training_state
+from lit_opd.modules.state import (CommandOptimiserSettings, check_opens_rollout, drop_teacher_keys,
+                                   restore_training_state, training_state)
 from lit_opd.modules.micro_batches import scatter_rows, step_micro_batches, take_micro_batch
 from lit_opd.modules.step import (NonfiniteGuard, compose, gradient_norms, importance_weight, response_logprobs,
                                   rollout_logs, step_logs, step_normalizers)
@@ -192,6 +193,10 @@ class DistillationModule(L.LightningModule):
         optimizer, scheduler = self.optim.build([p for p in self.policy.parameters() if p.requires_grad])
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
+    def configure_callbacks(self):
+        """The last step saved at the end of fit; the command's optimiser settings on resume."""
+        return [FinalCheckpoint(), CommandOptimiserSettings()]
+
     def clip_student_gradients(self, optimizer) -> None:
         """Clip by global norm (optim.gradient_clip_val): under FSDP1 the wrapped student's
         `clip_grad_norm_` (the norm of all shards), which Lightning's FSDP precision plugin does
@@ -220,9 +225,9 @@ class DistillationModule(L.LightningModule):
             unreachable = error
         if self.trainer.strategy.reduce_boolean_decision(unreachable is not None, all=False):
             self.generator.set_state(generator_state)
-            path = save_last_checkpoint(self.trainer)
-            raise TeacherUnreachable(f"{unreachable or 'a teacher server of another rank did not answer'}; wrote "
-                                     f"{path}: resume with --ckpt_path last") from None
+            saved = save_last_checkpoint(self.trainer)
+            raise TeacherUnreachable(f"{unreachable or 'a teacher server of another rank did not answer'}; "
+                                     f"{saved}") from None
         normalizers = step_normalizers([mb["response_mask"] for mb in minibatches], self.reduction,
                                        self.trainer.world_size, self.device)
         self.buffer = RolloutBuffer(batch["rollout_index"], minibatches, normalizers, stats)

@@ -37,7 +37,11 @@ class TeacherServing:
     Server (teacher_url): served_model (the name the server serves; None: model.teacher),
         rows_per_request (prompt log-probs come back as JSON, ~60 bytes per (position, token)),
         max_concurrency (requests in flight), timeout_s per request, retries after the first try,
-        each after backoff_s·2^i seconds.
+        each after backoff_s·2^i seconds. The defaults give up after 6 × 240 s + 62 s ≈ 25 min
+        (`give_up_after_s`), inside the 30-minute collective timeout of Lightning's strategies, so
+        that with several processes every rank is still there to write the checkpoint before the
+        run stops; `lit-opd fit` refuses a budget beyond the strategy's timeout (raise
+        `trainer.strategy.init_args.timeout` with it, e.g. for long teacher rollouts).
     """
 
     gpu_memory_utilization: float = 0.3
@@ -48,7 +52,7 @@ class TeacherServing:
     served_model: str | None = None
     rows_per_request: int = 4
     max_concurrency: int = 16
-    timeout_s: float = 600.0
+    timeout_s: float = 240.0
     retries: int = 5
     backoff_s: float = 2.0
 
@@ -61,6 +65,11 @@ class TeacherServing:
         for name, value in {"retries": self.retries, "backoff_s": self.backoff_s}.items():
             if value < 0:
                 raise ValueError(f"model.teacher_serving.{name} must be ≥ 0, got {value}")
+
+
+    def give_up_after_s(self) -> float:
+        """The longest a request can take before `TeacherUnreachable`: every try times out."""
+        return (self.retries + 1) * self.timeout_s + self.backoff_s * (2**self.retries - 1)
 
 
 class TeacherUnreachable(RuntimeError):
