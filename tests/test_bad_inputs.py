@@ -68,7 +68,14 @@ def workspace(tiny_checkpoints, tmp_path_factory):
     main(["fit", "--config", str(fit_config)])
     earlier = root / "runs" / "bad" / "version_0"
     assert (earlier / "checkpoints" / "last.ckpt").is_file()
-    return {"root": root, "fit": str(fit_config), "other_teacher": str(other_teacher), "earlier": earlier,
+    no_chat_template = root / "no_chat_template"  # the student, its tokenizer without a chat template
+    shutil.copytree(tiny_checkpoints["student"], no_chat_template)
+    tokenizer = AutoTokenizer.from_pretrained(no_chat_template)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(no_chat_template)
+    for leftover in no_chat_template.glob("chat_template.*"):
+        leftover.unlink()
+    return {"root": root, "fit": str(fit_config), "no_chat_template": str(no_chat_template), "other_teacher": str(other_teacher), "earlier": earlier,
             "wide_teacher": str(wide_teacher),
             "bad_benchmark": str(bad_benchmark), "student": tiny_checkpoints["student"]}
 
@@ -153,6 +160,13 @@ CASES = [
     ("teacher_server_unreachable", lambda ws: fit_args(ws, f"--model.init_args.teacher_url=http://127.0.0.1:{closed_port()}",
                                                        "--model.init_args.teacher_serving.retries=0"),
      ["did not answer in 1 tries", "; wrote ", "last.ckpt: resume with --ckpt_path last"], True),
+    ("validate_with_a_tokenizer_without_chat_template",
+     lambda ws: [*validate_args(ws, "--trainer.callbacks.init_args.benchmarks=[aime24]",
+                                "--trainer.callbacks.init_args.max_problems=1",
+                                "--trainer.callbacks.init_args.max_new_tokens=4"),
+                 f"--data.tokenizer={ws['no_chat_template']}"],
+     ["validate: the pass@k evaluation failed, no metrics were written", "has no chat template: set "
+      "data.chat_template=false"], True),
     ("eval_top_p", lambda ws: validate_args(ws, "--trainer.callbacks.init_args.top_p=1.5"),
      ["PassAtKEvaluation.top_p must be in (0, 1], got 1.5"], False),
     ("malformed_line", lambda ws: fit_args(ws, f"--data.train_data={BAD / 'malformed_line.jsonl'}"),
@@ -246,3 +260,15 @@ def test_prompt_over_the_limit_is_dropped_and_counted(workspace, tmp_path, monke
     with pytest.warns(UserWarning, match="dropped 1 of 5 prompts"):
         main(fit_args(workspace, f"--data.train_data={BAD / 'long_prompt.jsonl'}", "--trainer.logger=false",
                       "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]"))
+
+
+@pytest.mark.parametrize("case", ["empty_run", "missing_run", "empty_sweep", "missing_sweep"])
+def test_a_report_of_nothing_stops_with_one_line(case, tmp_path):
+    (tmp_path / "empty").mkdir()
+    directory = tmp_path / ("empty" if case.startswith("empty") else "missing")
+    arguments = ["--sweep", str(directory)] if case.endswith("sweep") else [str(directory)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", *arguments, "--output", str(tmp_path / "report")])
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("lit-opd: error: ") and "\n" not in message
+    assert str(directory) in message
