@@ -325,17 +325,28 @@ def resume_layout(module, datamodule, trainer) -> dict[str, Any]:
     return layout
 
 
-def model_shape(path: str) -> tuple[int, int, int] | None:
-    """(hidden size, layers, vocabulary rows) of the HF model at `path` from its config alone; None
-    where its config cannot be read here."""
+def model_config(path: str):
+    """The (text) config of the HF model at `path`, no weights read; None where it cannot be read here."""
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path)
     except Exception:
         return None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return config.hidden_size, config.num_hidden_layers, config.vocab_size
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def model_shape(path: str) -> tuple[int, int, int] | None:
+    """(hidden size, layers, vocabulary rows) of the HF model at `path` (None: config unreadable)."""
+    config = model_config(path)
+    return None if config is None else (config.hidden_size, config.num_hidden_layers, config.vocab_size)
+
+
+def checkpoint_dtype(path: str) -> torch.dtype | None:
+    """The dtype the HF checkpoint at `path` was saved in (its config's; None: unknown)."""
+    config = model_config(path)
+    dtype = getattr(config, "dtype", None) if config is not None else None
+    return getattr(torch, dtype) if isinstance(dtype, str) else dtype
 
 
 def check_resume(state: dict[str, Any], module, datamodule, trainer, source: str) -> None:

@@ -359,10 +359,11 @@ class DistillationModule(L.LightningModule):
         """No-op: see `validation_step`."""
 
     # ----------------------------------------------------------------------- checkpoints
-    def save_student_pretrained(self, path: str) -> None:
-        """Write the student and tokenizer as a plain HF checkpoint, sharded or not (every rank
-        calls this; rank 0 writes)."""
-        save_pretrained_full(self.policy, self.tokenizer, path, self.trainer.is_global_zero if self._trainer else True)
+    def save_student_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Write the student and tokenizer as a plain HF checkpoint, sharded or not, its weights in
+        `dtype` (None: the master weights' own; every rank calls this; rank 0 writes)."""
+        save_pretrained_full(self.policy, self.tokenizer, path, self.trainer.is_global_zero if self._trainer else True,
+                             dtype)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

@@ -3,8 +3,9 @@ teacher fit together (one vocabulary, enough embedding rows). Shared by the dist
 evaluation modules; every error names the YAML field it came from."""
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lit_opd.checkpointing import model_shape
 from lit_opd.modules.settings import DType
 
 
@@ -35,17 +36,6 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, te
     )
 
 
-def embedding_rows(path: str) -> int | None:
-    """The vocabulary rows of the model at `path` from its config alone (no weights read); None
-    where the config cannot be read here (then loading the model reports it)."""
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except Exception:
-        return None
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return getattr(config, "vocab_size", None)
-
-
 def check_top_k_fits(top_k: int, excluded: int, tokenizer, student: str, teacher: str) -> None:
     """Before any model loads: the teacher's top-K support (K ids once `excluded` special tokens are
     dropped) fits in the vocabulary, and every id it can name is a row of the student's lm_head
@@ -53,7 +43,8 @@ def check_top_k_fits(top_k: int, excluded: int, tokenizer, student: str, teacher
     if top_k + excluded > len(tokenizer):
         raise ValueError(f"model.init_args.top_k: {top_k} (+ {excluded} masked special tokens) is more than the "
                          f"{len(tokenizer)} tokens of the vocabulary")
-    student_rows, teacher_rows = embedding_rows(student), embedding_rows(teacher)
+    student_shape, teacher_shape = model_shape(student), model_shape(teacher)  # None: loading the model will say why
+    student_rows, teacher_rows = (shape and shape[2] for shape in (student_shape, teacher_shape))
     if student_rows is not None and teacher_rows is not None and teacher_rows > student_rows:
         raise ValueError(f"model.init_args.teacher: {teacher!r} has {teacher_rows} embedding rows, more than the "
                          f"student's {student_rows}: its top-K could name ids the student has no row for")
