@@ -15,8 +15,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lit_opd.data.benchmarks import BENCHMARKS, Problem, benchmark_name, load_problems
 from lit_opd.data.templates import MATH_INSTRUCTION, PromptTemplate
 from lit_opd.evaluation import PassAtKMetric, ProblemResult, evaluate
-from lit_opd.ranges import check_range
 from lit_opd.rollout.engine import SamplingConfig
+from lit_opd.setting_checks import check_range
 from lit_opd.verify import DEFAULT_TIMEOUT, Verifier, available_cpus
 
 log = logging.getLogger(__name__)

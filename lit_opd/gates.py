@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from lit_opd._checks import check_finite, check_mask, check_nonempty, check_same_shape
-from lit_opd.ranges import check_range
+from lit_opd.setting_checks import check_range
 
 Unit = Literal["token", "block", "span", "sequence"]
 Aggregation = Literal["mean_abs", "mean", "max_abs", "rms"]

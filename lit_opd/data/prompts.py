@@ -16,7 +16,7 @@ from transformers import AutoTokenizer
 
 from lit_opd.data.records import field, load_records
 from lit_opd.data.templates import MATH_INSTRUCTION, PromptTemplate, dapo_problem
-from lit_opd.ranges import check_range
+from lit_opd.setting_checks import check_range
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:

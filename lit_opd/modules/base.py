@@ -26,7 +26,6 @@ from lit_opd.logprobs import CausalLMScorer
 from lit_opd.losses import Reduction, gated_reduce
 from lit_opd.modules.collection import RolloutCollector
 from lit_opd.modules.loading import check_same_vocabulary, load_causal_lm, load_tokenizer
-from lit_opd.modules.setting_checks import check_step_settings
 from lit_opd.modules.settings import DType, OptimConfig, RolloutConfig, frozen_teacher_dtype
 from lit_opd.modules.state import (CommandOptimiserSettings, check_opens_rollout, drop_teacher_keys,
                                    restore_training_state, training_state)
@@ -36,6 +35,7 @@ from lit_opd.modules.step import (NonfiniteGuard, compose, gradient_norms, impor
 from lit_opd.rollout.buffer import RolloutBuffer
 from lit_opd.rollout.engine import Generation, SamplingConfig
 from lit_opd.rollout.teacher_engines import TeacherServing, TeacherUnreachable, build_teacher_engine
+from lit_opd.setting_checks import check_step_settings
 from lit_opd.sharding import gradient_sync, save_pretrained_full, shard_scorers
 from lit_opd.verify import available_cpus
 

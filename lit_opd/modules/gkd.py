@@ -5,7 +5,7 @@ import torch
 
 from lit_opd.logprobs import chunked_generalized_jsd, token_logprobs
 from lit_opd.modules.base import DistillationModule
-from lit_opd.ranges import check_range
+from lit_opd.setting_checks import check_range
 
 
 class GKD(DistillationModule):

@@ -4,7 +4,7 @@ import torch
 
 from lit_opd.losses import bounded_sampled_token_opd, sampled_token_opd
 from lit_opd.modules.base import DistillationModule
-from lit_opd.ranges import check_range
+from lit_opd.setting_checks import check_range
 
 
 class SampledTokenOPD(DistillationModule):

@@ -7,10 +7,10 @@ from typing import Literal
 
 import torch
 
-from lit_opd.modules.setting_checks import check_optim_settings, check_rollout_settings
 from lit_opd.rollout.engine import EngineName, SamplingConfig
 from lit_opd.rollout.teacher_engines import TeacherServing
 from lit_opd.rollout.vllm_engine import VLLMSettings
+from lit_opd.setting_checks import check_optim_settings, check_rollout_settings
 
 DType = Literal["float32", "bfloat16", "float16"]
 

@@ -7,7 +7,7 @@ from lit_opd.gates import SignConsistencyGate
 from lit_opd.losses import topk_lsm
 from lit_opd.modules.base import DistillationModule
 from lit_opd.modules.loading import check_top_k_fits
-from lit_opd.ranges import check_range
+from lit_opd.setting_checks import check_range
 
 
 class TeacherTopKLSM(DistillationModule):
