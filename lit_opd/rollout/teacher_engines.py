@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lit_opd.rollout.engine import Generation, SamplingConfig, right_pad
 from lit_opd.rollout.vllm_engine import attended_tokens, import_vllm, row_seeds, sample, start_llm, token_prompts
+from lit_opd.setting_checks import check_range
 
 
 @dataclass
@@ -65,6 +66,8 @@ class TeacherServing:
         for name, value in {"retries": self.retries, "backoff_s": self.backoff_s}.items():
             if value < 0:
                 raise ValueError(f"model.teacher_serving.{name} must be ≥ 0, got {value}")
+        for name in ("kv_cache_memory_bytes", "max_model_len"):
+            check_range(f"model.init_args.teacher_serving.{name}", getattr(self, name), 1, optional=True)
 
 
     def give_up_after_s(self) -> float:
