@@ -7,7 +7,6 @@ were. A prompt over the length limit is no error: it is dropped and counted."""
 import hashlib
 import json
 import shutil
-import socket
 from pathlib import Path
 
 import datasets
@@ -15,6 +14,7 @@ import pytest
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers_cli import closed_port
 from lit_opd.cli import main
 from lit_opd.data.prompts import PromptDataModule
 
@@ -91,12 +91,6 @@ def validate_args(ws, *extra):
 
 
 TOPK = "--model.class_path=lit_opd.modules.TeacherTopKLSM"
-
-
-def closed_port() -> int:
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        return closed.getsockname()[1]
 
 
 def gates(*gate: dict) -> str:

@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from helpers_cli import closed_port
 from lit_opd.checkpointing import AtomicCheckpointIO, atomic_save, find_last_checkpoint, gather_rank_states
 from lit_opd.cli import main
 from lit_opd.data.prompts import PromptDataModule
@@ -259,9 +259,7 @@ def test_an_unreachable_teacher_server_stops_the_run_after_a_checkpoint_that_los
     (the rollouts drawn before the failure are drawn again)."""
     straight_rows, straight_final, straight_dir = straight_python_api_run
     [step4] = straight_dir.glob("*step=4.ckpt")
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(TeacherUnreachable) as error:
         python_api_fit(tiny_checkpoints, inputs, tmp_path / "stopped", max_steps=10, ckpt_path=step4, teacher_url=url)
     message = str(error.value)
@@ -278,9 +276,7 @@ def test_with_checkpointing_off_a_teacher_failure_says_nothing_was_written(strai
                                                                            tiny_checkpoints, inputs, tmp_path):
     _, _, straight_dir = straight_python_api_run
     [step4] = straight_dir.glob("*step=4.ckpt")
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(TeacherUnreachable) as error:
         python_api_fit(tiny_checkpoints, inputs, tmp_path / "stopped", max_steps=10, ckpt_path=step4, teacher_url=url,
                        checkpointing=False)
