@@ -14,7 +14,8 @@
   position depend on; resuming with other values is refused.
 - `check_resume`: that, and a buffer that holds what the configured gates read.
 - `save_last_checkpoint`: `last.ckpt` written by the run itself before it stops on an error;
-  `FinalCheckpoint`: written at the end of a fit whose last step no checkpoint holds.
+  `ResumableCheckpoints` (a callback every distillation module brings): atomic writes whichever
+  way the trainer was built, and `last.ckpt` at the end of a fit whose last step no checkpoint holds.
 - `gather_rank_states`: per-rank state (each rank's rollout buffer and sampling generator) brought
   to rank 0, which alone writes the checkpoint.
 """
@@ -252,10 +253,15 @@ def save_last_checkpoint(trainer) -> str:
     return f"wrote {path}: resume with --ckpt_path last"
 
 
-class FinalCheckpoint(Callback):
-    """Whenever checkpointing is on, the last step of a fit is saved: at the end of fit, a run whose
-    ModelCheckpoint last saved an earlier step (max_steps not a multiple of every_n_train_steps)
-    writes `last.ckpt` (`save_last_checkpoint`)."""
+class ResumableCheckpoints(Callback):
+    """Every checkpoint is complete or absent, and whenever checkpointing is on the last step of a
+    fit is saved: at setup the trainer gets atomic writes (`use_atomic_checkpoint_io`: `lit-opd`
+    does it too, Python callers get it here); at the end of fit, a run whose ModelCheckpoint last
+    saved an earlier step (max_steps not a multiple of every_n_train_steps) writes `last.ckpt`
+    (`save_last_checkpoint`)."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        use_atomic_checkpoint_io(trainer)
 
     def on_train_end(self, trainer, pl_module) -> None:
         callback = trainer.checkpoint_callback

@@ -468,3 +468,19 @@ def test_every_rank_state_reaches_the_checkpoint(tmp_path):
     assert not torch.equal(states[0]["generator"], states[1]["generator"])
     assert torch.load(tmp_path / "states.1", weights_only=False) is None
     assert gather_rank_states({"rank": 0}) == [{"rank": 0}]
+
+
+def test_a_trainer_built_in_python_gets_atomic_sharded_saves_too():
+    """`lit-opd` makes the strategy's sharded saves atomic when it builds the trainer; a trainer built
+    in Python gets the same from the callback every distillation module brings (only the class
+    changes: the strategy's settings stay)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lit_opd.checkpointing import AtomicModelParallelStrategy, ResumableCheckpoints
+
+    strategy = ModelParallelStrategy(process_group_backend="gloo", save_distributed_checkpoint=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
+    ResumableCheckpoints().setup(trainer, None, "fit")
+    assert type(trainer.strategy) is AtomicModelParallelStrategy and trainer.strategy is strategy
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert not trainer.strategy.writes_directory()

@@ -19,7 +19,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 from torch.distributed.fsdp import FullyShardedDataParallel
 
-from lit_opd.checkpointing import FinalCheckpoint, save_last_checkpoint
+from lit_opd.checkpointing import ResumableCheckpoints, save_last_checkpoint
 from lit_opd.data.templates import PromptTemplate, datamodule_template
 from lit_opd.gates import Gate
 from lit_opd.logprobs import CausalLMScorer
@@ -194,8 +194,9 @@ class DistillationModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_callbacks(self):
-        """The last step saved at the end of fit; the command's optimiser settings on resume."""
-        return [FinalCheckpoint(), CommandOptimiserSettings()]
+        """Checkpoints complete or absent, the last step saved at the end of fit; the command's
+        optimiser settings on resume."""
+        return [ResumableCheckpoints(), CommandOptimiserSettings()]
 
     def clip_student_gradients(self, optimizer) -> None:
         """Clip by global norm (optim.gradient_clip_val): under FSDP1 the wrapped student's
