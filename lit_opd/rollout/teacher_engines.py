@@ -22,6 +22,7 @@ from torch import Tensor
 
 from lit_opd.rollout.engine import Generation, SamplingConfig, right_pad
 from lit_opd.rollout.vllm_engine import attended_tokens, row_seeds, sample, start_llm, token_prompts
+from lit_opd.setting_checks import check_range
 
 
 @dataclass
@@ -47,6 +48,12 @@ class TeacherServing:
         timeout_s: seconds one request may take.
         retries: tries after the first, the i-th after backoff_s·2^i seconds.
         backoff_s: the first retry's wait in seconds, doubled at each retry.
+
+    The defaults give up after 6 × 240 s + 62 s ≈ 25 min (`give_up_after_s`), inside the 30-minute
+    collective timeout of Lightning's strategies, so that with several processes every rank is still
+    there to write the checkpoint before the run stops; `lit-opd fit` refuses a budget beyond the
+    strategy's timeout (raise `trainer.strategy.init_args.timeout` with it, e.g. for long teacher
+    rollouts).
     """
 
     gpu_memory_utilization: float = 0.3
@@ -57,7 +64,7 @@ class TeacherServing:
     served_model: str | None = None
     rows_per_request: int = 4
     max_concurrency: int = 16
-    timeout_s: float = 600.0
+    timeout_s: float = 240.0
     retries: int = 5
     backoff_s: float = 2.0
 
@@ -70,6 +77,13 @@ class TeacherServing:
         for name, value in {"retries": self.retries, "backoff_s": self.backoff_s}.items():
             if value < 0:
                 raise ValueError(f"model.teacher_serving.{name} must be ≥ 0, got {value}")
+        for name in ("kv_cache_memory_bytes", "max_model_len"):
+            check_range(f"model.init_args.teacher_serving.{name}", getattr(self, name), 1, optional=True)
+
+
+    def give_up_after_s(self) -> float:
+        """The longest a request can take before `TeacherUnreachable`: every try times out."""
+        return (self.retries + 1) * self.timeout_s + self.backoff_s * (2**self.retries - 1)
 
 
 class TeacherUnreachable(RuntimeError):
