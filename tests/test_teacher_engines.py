@@ -109,6 +109,15 @@ def test_one_pass_conversion_equals_the_sorting_one(seed, top_k, exclude):
             assert torch.equal(theirs[key], ours[key]), key
 
 
+def test_equal_log_probs_are_ordered_as_the_sorting_conversion_did():
+    """Ties (a random-weight teacher has them) go to the larger id first, across the K cut too."""
+    positions = [[None, {4: -1.0, 9: -0.5, 2: -0.5, 7: -0.5, 1: -2.0}]]
+    ids, mask = torch.tensor([[4]]), torch.tensor([[True]])
+    for top_k in (2, 3, 4):
+        theirs = scores_from_prompt_logprobs(positions, ids, mask, top_k, {7})
+        assert torch.equal(theirs["topk_ids"], scores_by_sorting(positions, ids, mask, top_k, {7})["topk_ids"])
+
+
 def good_rows():
     """Two rows: prompt [7] + response [5, 3], and prompt [8] + response [4] (then padding)."""
     return {"input_ids": torch.tensor([[7, 5, 3], [8, 4, 0]]),

@@ -119,7 +119,7 @@ def scores_from_entries(
     positions only), flattened: position j has `widths[j]` entries (token id, log-prob) in `ids`,
     `logps`. `token_first`: each position's first entry is the scored token's own (vLLM's flat
     form), read as such; otherwise the token is looked up among the entries. Then tensor ops only:
-    the entries padded to [M, W], the token's log-prob matched, the top-K by `torch.topk`.
+    the entries as [M, W] (padded where widths differ), the token's log-prob matched, the top-K sorted.
     Returns what `scores_from_prompt_logprobs` returns; `MalformedTeacherAnswer` where an entry
     is missing, not a number, or not finite."""
     N, T = response_ids.shape
@@ -133,22 +133,22 @@ def scores_from_entries(
     except (TypeError, ValueError, RuntimeError, OverflowError) as error:
         raise MalformedTeacherAnswer(f"a token id or log-prob of the teacher's answer is not a number ({error})") from None
     widths = torch.tensor(widths, dtype=torch.long)
-    if ids.numel() != logps.numel() or ids.numel() != int(widths.sum()):
-        raise MalformedTeacherAnswer("the teacher's answer has token ids and log-probs of different counts")
+    if ids.numel() != logps.numel() or ids.numel() != int(widths.sum()) or (ids.numel() and int(ids.min()) < 0):
+        raise MalformedTeacherAnswer("the teacher's answer has token ids and log-probs that do not pair up")
     W = int(widths.max()) if M else 1
-    rows = torch.repeat_interleave(torch.arange(M), widths)
-    cols = torch.arange(ids.numel()) - torch.repeat_interleave(torch.cumsum(widths, 0) - widths, widths)
-    id_grid = torch.full((M, W), -1, dtype=torch.long).index_put_((rows, cols), ids)
-    logp_grid = torch.full((M, W), float("-inf")).index_put_((rows, cols), logps)
-    present = torch.zeros(M, W, dtype=torch.bool).index_put_((rows, cols), torch.ones_like(ids, dtype=torch.bool))
+    if M and int(widths.min()) == W:  # vLLM's flat form: every position has the same entries
+        id_grid, logp_grid = ids.view(M, W), logps.view(M, W)
+    else:  # dicts: one entry fewer where the token is among the top ones; -1 / -inf pad the rest
+        rows = torch.repeat_interleave(torch.arange(M), widths)
+        cols = torch.arange(ids.numel()) - torch.repeat_interleave(torch.cumsum(widths, 0) - widths, widths)
+        id_grid = torch.full((M, W), -1, dtype=torch.long).index_put_((rows, cols), ids)
+        logp_grid = torch.full((M, W), float("-inf")).index_put_((rows, cols), logps)
     if token_first:
-        found = present[:, 0] & (id_grid[:, 0] == targets) if M else torch.ones(0, dtype=torch.bool)
-        logp = logp_grid[:, 0] if M else torch.zeros(0)
-        id_grid, logp_grid, present = id_grid[:, 1:], logp_grid[:, 1:], present[:, 1:]
+        found, logp = id_grid[:, 0] == targets, logp_grid[:, 0]
+        id_grid, logp_grid = id_grid[:, 1:], logp_grid[:, 1:]
     else:
-        match = present & (id_grid == targets[:, None])
-        found = match.any(1)
-        logp = torch.where(match, logp_grid, float("-inf")).amax(1) if W else torch.zeros(M)
+        match = id_grid == targets[:, None]
+        found, logp = match.any(1), torch.where(match, logp_grid, float("-inf")).amax(1) if W else torch.zeros(M)
     if not bool(found.all()):
         raise MalformedTeacherAnswer(f"the scored token is missing from the teacher's log-probs at "
                                      f"{int((~found).sum())} response positions")
@@ -156,15 +156,19 @@ def scores_from_entries(
         raise MalformedTeacherAnswer("a log-prob of a scored token in the teacher's answer is not finite")
     out = {"logp": torch.zeros(N, T).masked_scatter_(mask, logp)}
     if top_k:
-        candidate = present & ~torch.isin(id_grid, torch.tensor(sorted(exclude), dtype=torch.long))
+        candidate = (id_grid >= 0) & ~torch.isin(id_grid, torch.tensor(sorted(exclude), dtype=torch.long))
         if bool((candidate.sum(1) < top_k).any()):
             raise MalformedTeacherAnswer(f"the teacher's answer has fewer than top_k = {top_k} log-probs outside the "
                                          f"excluded ids at some response position")
-        values, index = torch.where(candidate, logp_grid, float("-inf")).topk(top_k, dim=1)
+        # by decreasing log-prob, equal ones by decreasing id: ids sorted first, then a stable sort
+        by_id = id_grid.argsort(1, descending=True)
+        values, order = torch.where(candidate, logp_grid, float("-inf")).gather(1, by_id).sort(dim=1, descending=True,
+                                                                                               stable=True)
+        values, top_ids = values[:, :top_k], id_grid.gather(1, by_id.gather(1, order[:, :top_k]))
         if not bool(torch.isfinite(values).all()):
             raise MalformedTeacherAnswer("a top-K log-prob in the teacher's answer is not finite")
         out["topk_logp"] = torch.zeros(N, T, top_k).masked_scatter_(mask[..., None], values)
-        out["topk_ids"] = torch.zeros(N, T, top_k, dtype=torch.long).masked_scatter_(mask[..., None], id_grid.gather(1, index))
+        out["topk_ids"] = torch.zeros(N, T, top_k, dtype=torch.long).masked_scatter_(mask[..., None], top_ids)
     return {key: value.to(response_ids.device) for key, value in out.items()}
 
 
