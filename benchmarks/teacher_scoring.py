@@ -148,7 +148,7 @@ def main() -> None:
         **{f"{way}_tokens_per_s": round(best[way]) for way in best},
         **({"conversion_share": round(breakdown("colocated")["conversion_s"] / breakdown("colocated")["seconds"], 4)}
            if "colocated" in best else {}),
-        **{f"{way}_vs_trainer": round(best[way] / best["trainer"], 2) for way in best if "trainer" in best},
+        **{f"{way}_vs_trainer": round(best[way] / best["trainer"], 2) for way in best if "trainer" in best and way != "trainer"},
         "breakdown": {way: breakdown(way) for way in best if way != "trainer"},
         "shape": args.shape, "rows": args.rows, "top_k": args.top_k, "masked": len(MASKED), "tokens": tokens,
         "environment": {"torch": torch.__version__, "python": platform.python_version(), "cpu_count": os.cpu_count(),

@@ -45,7 +45,8 @@ def workspace(tiny_checkpoints, tmp_path_factory):
         "model": {
             "class_path": "lit_opd.modules.SampledTokenOPD",
             "init_args": {"student": tiny_checkpoints["student"], "teacher": tiny_checkpoints["teacher"],
-                          "dtype": "float32", "rollout": {"num_samples": 2, "max_new_tokens": 4}},
+                          "dtype": "float32",
+                          "rollout": {"num_samples": 2, "max_new_tokens": 4, "engine": "static"}},
         },
         "data": {"tokenizer": tiny_checkpoints["student"], "train_data": str(train), "prompt_field": "problem",
                  "answer_field": "answer", "problem_format": "as_is", "instruction": "",

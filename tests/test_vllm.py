@@ -27,6 +27,26 @@ def test_without_vllm_the_engine_is_a_one_line_error_naming_the_extra():
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed")
+def test_without_vllm_a_paper_config_stops_in_one_line_before_anything_loads(tiny_checkpoints, tmp_path, monkeypatch,
+                                                                               capsys):
+    """defaults.yaml's rollout.engine is vllm: `lit-opd fit --config opd_block64` without vLLM exits
+    in the module's __init__ (the tokenizer never loads) with one line naming both ways out."""
+    from lit_opd.cli import main
+    from lit_opd.modules import base
+
+    monkeypatch.setattr(base, "load_tokenizer", lambda *args: pytest.fail("the tokenizer loaded before the check"))
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"problem": "1+1=?", "answer": "2"}\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", "opd_block64", f"--model.init_args.student={tiny_checkpoints['student']}",
+              f"--model.init_args.teacher={tiny_checkpoints['teacher']}", f"--data.tokenizer={tiny_checkpoints['student']}",
+              f"--data.train_data={data}", "--trainer.accelerator=cpu"])
+    message = str(stop.value.code)
+    assert message.startswith("lit-opd: error: model.rollout.engine is vllm") and "\n" not in message
+    assert 'pip install "lit-opd[vllm]"' in message and "--model.init_args.rollout.engine static" in message
+
+
 def tiny_checkpoint(path, tokenizer, tied: bool, seed: int = 0) -> str:
     """A tiny float32 Qwen3 that vLLM's CPU attention accepts (head_dim 32)."""
     config = Qwen3Config(

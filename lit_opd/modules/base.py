@@ -34,6 +34,7 @@ from lit_opd.modules.step import (NonfiniteGuard, compose, gradient_norms, impor
 from lit_opd.rollout.buffer import RolloutBuffer
 from lit_opd.rollout.engine import Generation, SamplingConfig
 from lit_opd.rollout.teacher_engines import TeacherServing, TeacherUnreachable, build_teacher_engine
+from lit_opd.rollout.vllm_engine import require_vllm
 from lit_opd.sharding import gradient_sync, save_pretrained_full, shard_scorers
 from lit_opd.verify import available_cpus
 
@@ -107,6 +108,7 @@ class DistillationModule(L.LightningModule):
         if teacher_url and teacher_engine != "trainer":
             raise ValueError("model.teacher_url and model.teacher_engine: vllm both place the teacher: set one")
         self.teacher_engine, self.teacher_url, self.teacher_serving = teacher_engine, teacher_url, teacher_serving
+        require_vllm(rollout.engine)
         self.tokenizer = load_tokenizer(tokenizer or student, "tokenizer")
         check_same_vocabulary(self.tokenizer, load_tokenizer(teacher, "teacher"), student, teacher)
         self.rollout, self.optim, self.reduction, self.seed = rollout, optim, reduction, seed
