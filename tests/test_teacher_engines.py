@@ -255,3 +255,31 @@ def test_the_teacher_server_command_has_what_scoring_needs():
     assert flags["--max-logprobs"] == "35" and flags["--dtype"] == "bfloat16" and flags["--port"] == str(port)
     assert flags["--max-model-len"] == "4096" and command[-2:] == ["--seed", "1"]
     assert "--gpu-memory-utilization" not in command
+
+
+def test_serve_teacher_reads_what_to_serve_from_the_run_config(monkeypatch, capsys):
+    """`lit-opd serve-teacher --config topk_lsm_block64`: the config's teacher in its dtype
+    (bfloat16 under bf16-mixed), top-K 32 plus the masked special tokens."""
+    from lit_opd.cli import main
+    from lit_opd.rollout import teacher_server
+
+    started = {}
+
+    class Started:
+        url, process = "http://127.0.0.1:1", SimpleNamespace(wait=lambda: None)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            pass
+
+    def start(model, max_logprobs, dtype, **settings):
+        started.update(model=model, max_logprobs=max_logprobs, dtype=dtype, extra=settings["extra"])
+        return Started()
+
+    monkeypatch.setattr(teacher_server, "start_teacher_server", start)
+    main(["serve-teacher", "--config", "topk_lsm_block64", "--masked-tokens", "3", "--", "--seed", "1"])
+    assert started == {"model": "Qwen/Qwen3-4B", "max_logprobs": 35, "dtype": "bfloat16", "extra": ["--seed", "1"]}
+    assert "--model.init_args.teacher_url http://127.0.0.1:1" in capsys.readouterr().out
+    assert teacher_server.run_settings(["sg_opd"])["top_k"] == 0

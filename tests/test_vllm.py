@@ -274,3 +274,39 @@ def test_fit_on_two_processes_each_with_its_own_engine(checkpoints, tmp_path):
     events.Reload()
     mismatch = [event.value for event in events.Scalars("rollout/logp_mismatch")]
     assert len(mismatch) == 2 and max(mismatch) < 1e-4
+
+
+def test_asleep_between_calls_at_level_2_and_pushed_again(monkeypatch):
+    """On CUDA (faked here) each call wakes the weights, pushes the student's, wakes the KV cache,
+    generates and sleeps at level 2, which drops the weights: the next call pushes them again even
+    though they did not change. The engine runs in bfloat16 there whatever the master dtype."""
+    from lit_opd.rollout import vllm_engine
+    from lit_opd.rollout.vllm_engine import VLLMEngine, engine_dtype
+
+    calls = []
+
+    class FakeLLM:
+        def wake_up(self, tags=None):
+            calls.append(("wake_up", tuple(tags)))
+
+        def sleep(self, level):
+            calls.append(("sleep", level))
+
+        def collective_rpc(self, method, kwargs):
+            calls.append((method, len(list(kwargs["weights_iterator"]))))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(vllm_engine, "sample", lambda *args: calls.append(("generate",)) or "generation")
+    engine = VLLMEngine("student")
+    monkeypatch.setattr(engine, "start", lambda dtype: (calls.append(("start", engine_dtype("auto", dtype))),
+                                                         setattr(engine, "llm", FakeLLM())))
+    model = torch.nn.Linear(2, 2)
+    for _ in range(2):
+        assert engine.generate(model, None, None, None, [0], 0, None) == "generation"
+    assert calls == [("start", "bfloat16"), ("reload_weights", 2), ("generate",), ("sleep", 2),
+                     ("wake_up", ("weights",)), ("reload_weights", 2), ("wake_up", ("kv_cache",)), ("generate",),
+                     ("sleep", 2)]
+    assert engine_dtype("auto", torch.float16) == "float16" and engine_dtype("float32", torch.float32) == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine_dtype("auto", torch.float32) == "float32"  # the CPU test bed matches the trainer

@@ -83,32 +83,64 @@ def start_teacher_server(model: str, max_logprobs: int, dtype: str, *, host: str
             time.sleep(1)
 
 
+def run_settings(configs: list[str]) -> dict:
+    """What the server must match in a run of `lit-opd fit --config <configs>` (merged as
+    --print_config shows them): the teacher, its dtype, top-K and whether special tokens are masked."""
+    import contextlib
+    import io
+
+    import yaml
+
+    from lit_opd.lightning_cli import run_lightning
+    from lit_opd.modules.settings import frozen_teacher_dtype
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):
+        run_lightning(["fit", *[arg for config in configs for arg in ("--config", config)], "--print_config"])
+    merged = yaml.safe_load(printed.getvalue())
+    model = merged["model"]["init_args"]
+    topk = merged["model"]["class_path"].endswith("TeacherTopKLSM")
+    return {"teacher": model["teacher"], "top_k": model.get("top_k", 32) if topk else 0,
+            "mask_special_tokens": topk and bool(model.get("mask_special_tokens")),
+            "tokenizer": model.get("tokenizer") or model["student"],
+            "dtype": frozen_teacher_dtype(model.get("teacher_dtype"), model["dtype"], merged["trainer"].get("precision"))}
+
+
 def main(argv: list[str]) -> None:
-    """`lit-opd serve-teacher`: serve a teacher for runs with --model.init_args.teacher_url until
-    interrupted; arguments after `--` go to `vllm serve` unchanged."""
+    """`lit-opd serve-teacher`: serve a run's teacher for --model.init_args.teacher_url until
+    interrupted, either named (TEACHER, --top-k, --dtype) or read from the run's --config files;
+    arguments after `--` go to `vllm serve` unchanged."""
     extra = argv[argv.index("--") + 1:] if "--" in argv else []
     argv = argv[: argv.index("--")] if "--" in argv else argv
     parser = argparse.ArgumentParser(prog="lit-opd serve-teacher", description=main.__doc__)
-    parser.add_argument("teacher", help="the teacher's HF path or hub id (the run's model.teacher)")
-    parser.add_argument("--top-k", type=int, default=32,
-                        help="the run's model.init_args.top_k (Teacher-TopK/LSM; 32), or 0 (sampled-token losses)")
+    parser.add_argument("teacher", nargs="?", help="the teacher's HF path or hub id (default: the config's model.teacher)")
+    parser.add_argument("--config", action="append", default=[], help="the run's config files or shipped names")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="the run's top_k (Teacher-TopK/LSM; default 32 or the config's), 0 for sampled-token losses")
     parser.add_argument("--masked-tokens", type=int, default=None,
-                        help="ids the run masks out of the support (default: the teacher tokenizer's special tokens, "
-                             "an upper bound for mask_special_tokens)")
-    parser.add_argument("--dtype", default="bfloat16", help="the teacher's dtype (the run's; bfloat16 under bf16-mixed)")
+                        help="ids masked out of the support (default: the tokenizer's special tokens where the config "
+                             "masks them, without a config an upper bound)")
+    parser.add_argument("--dtype", default=None, help="the teacher's dtype (default: the config's, else bfloat16)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=None, help="default: a free port")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None)
     parser.add_argument("--max-model-len", type=int, default=None)
     args = parser.parse_args(argv)
+    run = run_settings(args.config) if args.config else {"top_k": 32, "mask_special_tokens": True, "dtype": "bfloat16"}
+    teacher = args.teacher or run.get("teacher")
+    if teacher is None:
+        parser.error("name the teacher or give the run's --config")
+    top_k = run["top_k"] if args.top_k is None else args.top_k
     masked = args.masked_tokens
     if masked is None:
-        from transformers import AutoTokenizer
+        masked = 0
+        if run["mask_special_tokens"]:
+            from transformers import AutoTokenizer
 
-        masked = len(AutoTokenizer.from_pretrained(args.teacher).all_special_ids)
-    with start_teacher_server(args.teacher, max(args.top_k + masked, 1), args.dtype, host=args.host, port=args.port,
-                              gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
-                              extra=extra) as server:
+            masked = len(AutoTokenizer.from_pretrained(run.get("tokenizer") or teacher).all_special_ids)
+    with start_teacher_server(teacher, max(top_k + masked, 1), args.dtype or run["dtype"], host=args.host,
+                              port=args.port, gpu_memory_utilization=args.gpu_memory_utilization,
+                              max_model_len=args.max_model_len, extra=extra) as server:
         print(f"teacher server ready: --model.init_args.teacher_url {server.url}", flush=True)
         try:
             server.process.wait()
