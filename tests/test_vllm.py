@@ -113,9 +113,12 @@ def test_vllm_logprobs_and_weight_sync_match_the_trainer(tied, checkpoints, char
 
 @needs_vllm
 @pytest.mark.slow
-def test_fit_with_the_vllm_engine(checkpoints, tmp_path, monkeypatch):
-    """`lit-opd fit --config opd` with rollout.engine vllm: the student moves, and vLLM's log-probs
-    agree with the trainer's on every step's rollouts (rollout/logp_mismatch)."""
+@pytest.mark.parametrize("config", ["opd", "sg_opd"])
+def test_fit_with_the_vllm_engine(config, checkpoints, tmp_path, monkeypatch):
+    """`lit-opd fit --config opd|sg_opd` with rollout.engine vllm and the teacher in the trainer: the
+    student moves, and vLLM's log-probs agree with the trainer's on every step's rollouts
+    (rollout/logp_mismatch). SG-OPD's teacher rollouts (the teacher is another model than the
+    engine's) come from the static engine."""
     import json
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -126,7 +129,7 @@ def test_fit_with_the_vllm_engine(checkpoints, tmp_path, monkeypatch):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(8)))
     models = {"student": checkpoints[True], "teacher": checkpoints[False]}
-    fit_and_check("opd", models, str(data), tmp_path / "tb", "--model.init_args.rollout.engine=vllm",
+    fit_and_check(config, models, str(data), tmp_path / "tb", "--model.init_args.rollout.engine=vllm",
                   "--model.init_args.rollout.vllm.gpu_memory_utilization=0.05",
                   "--model.init_args.rollout.vllm.max_model_len=256", tags={"rollout/logp_mismatch"})
     events = EventAccumulator(str(tmp_path / "tb" / "run" / "version_0"))
@@ -310,3 +313,17 @@ def test_asleep_between_calls_at_level_2_and_pushed_again(monkeypatch):
     assert engine_dtype("auto", torch.float16) == "float16" and engine_dtype("float32", torch.float32) == "float32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert engine_dtype("auto", torch.float32) == "float32"  # the CPU test bed matches the trainer
+
+
+def test_a_model_other_than_the_engines_generates_with_the_static_engine(monkeypatch, tiny_checkpoints):
+    """The teacher in the trainer (phased teacher sampling) is not the model vLLM was built from:
+    its rollouts come from the static engine, and vLLM never starts for them."""
+    from lit_opd.rollout.static_cache import StaticCacheEngine
+    from lit_opd.rollout.vllm_engine import VLLMEngine
+
+    teacher = Qwen3ForCausalLM.from_pretrained(tiny_checkpoints["teacher"])
+    monkeypatch.setattr(StaticCacheEngine, "generate", lambda self, model, *args: ("static", model))
+    engine = VLLMEngine(tiny_checkpoints["student"])
+    assert engine.generate(teacher, None, None, None, [0], 0, None) == ("static", teacher)
+    assert engine.llm is None and not engine.serves(teacher)
+    assert engine.serves(Qwen3ForCausalLM.from_pretrained(tiny_checkpoints["student"]))

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_opd.rollout.engine import Generation, RolloutEngine, SamplingConfig, right_pad
-from lit_opd.sharding import full_tensors
+from lit_opd.sharding import full_tensors, is_sharded
 
 
 @dataclass
@@ -136,7 +136,20 @@ class VLLMEngine(RolloutEngine):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_tensors(model)})
         self.synced = version
 
+    def serves(self, model: nn.Module) -> bool:
+        """`model` is built from the engine's files (the student), not another model handed to the
+        rollout engine (the teacher in the trainer, for phased teacher sampling's rollouts)."""
+        return getattr(getattr(model, "config", None), "_name_or_path", self.model_path) == self.model_path
+
     def generate(self, model, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator):
+        if not self.serves(model):  # its weights do not fit the engine: the static engine runs it
+            if any(is_sharded(module) for module in model.modules()):
+                raise ValueError("rollout.engine: vllm and phased teacher sampling with a sharded teacher in the trainer: "
+                                 "set model.init_args.teacher_engine vllm or model.init_args.teacher_url")
+            from lit_opd.rollout.static_cache import StaticCacheEngine
+
+            return StaticCacheEngine().generate(model, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id,
+                                                generator)
         if self.llm is None:
             self.start(next(model.parameters()).dtype)
             self.push_weights(model)
