@@ -8,6 +8,11 @@ Scoring asks for K + |exclude| prompt log-probs per position (`max_logprobs` mus
 never reads vLLM's prefix cache: vLLM skips it for requests with `prompt_logprobs`
 (`skip_reading_prefix_cache`), since cached positions get no prompt log-probs and an open vLLM
 bug makes them depend on request order; the colocated engine also turns prefix caching off.
+
+Prompt log-probs become score tensors in one pass over vLLM's lists (its flat form in process,
+orjson-parsed JSON from a server) and then tensor ops. Every answer is checked on the way: a missing
+row or position, a top-K narrower than asked, the scored token absent, a log-prob missing or not
+finite, cut-short JSON are a `MalformedTeacherAnswer` (a server's is retried), never a silent 0.
 """
 
 import http.client
@@ -71,7 +76,7 @@ class TeacherUnreachable(RuntimeError):
 
 
 class MalformedTeacherAnswer(TeacherUnreachable):
-    """A teacher answer that cannot be scores: rows or positions missing, a top-K narrower than
+    """A teacher answer that cannot become scores: rows or positions missing, a top-K narrower than
     asked, the scored token absent, a log-prob missing or not finite, JSON cut short."""
 
 
