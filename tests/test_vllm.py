@@ -316,8 +316,9 @@ def test_asleep_between_calls_at_level_2_and_pushed_again(monkeypatch):
 
 
 def test_a_model_other_than_the_engines_generates_with_the_static_engine(monkeypatch, tiny_checkpoints):
-    """The teacher in the trainer (phased teacher sampling) is not the model vLLM was built from:
-    its rollouts come from the static engine, and vLLM never starts for them."""
+    """The teacher in the trainer (phased teacher sampling) does not fit the engine built from the
+    student's files (another width): its rollouts come from the static engine, and vLLM never
+    starts for them."""
     from lit_opd.rollout.static_cache import StaticCacheEngine
     from lit_opd.rollout.vllm_engine import VLLMEngine
 

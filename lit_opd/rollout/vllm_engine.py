@@ -90,6 +90,13 @@ def engine_dtype(setting: str, weights: torch.dtype) -> str:
     return str(weights).removeprefix("torch.")
 
 
+def architecture(config) -> tuple:
+    """What decides whether a model's weights load into an engine built from `config`'s files."""
+    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
+    return tuple(getattr(config, key, None) for key in keys)
+
+
 def weights_version(model: nn.Module) -> tuple[int, ...]:
     """Changes whenever any parameter is written in place (an optimiser step) or replaced."""
     return tuple(p._version + id(p) for p in model.parameters())
@@ -107,6 +114,7 @@ class VLLMEngine(RolloutEngine):
         self.model_path, self.settings = model_path, settings or VLLMSettings()
         self.llm = None
         self.synced: tuple[int, ...] | None = None
+        self.shape: tuple | None = None  # `architecture` of the engine's files, read on first use
 
     @property
     def sleeps(self) -> bool:
@@ -137,9 +145,16 @@ class VLLMEngine(RolloutEngine):
         self.synced = version
 
     def serves(self, model: nn.Module) -> bool:
-        """`model` is built from the engine's files (the student), not another model handed to the
-        rollout engine (the teacher in the trainer, for phased teacher sampling's rollouts)."""
-        return getattr(getattr(model, "config", None), "_name_or_path", self.model_path) == self.model_path
+        """`model`'s weights fit the engine (the student's architecture and shapes), unlike another
+        model handed to the rollout engine (the teacher in the trainer, for phased teacher sampling)."""
+        config = getattr(model, "config", None)
+        if config is None:
+            return True
+        if self.shape is None:
+            from transformers import AutoConfig
+
+            self.shape = architecture(AutoConfig.from_pretrained(self.model_path))
+        return architecture(config) == self.shape
 
     def generate(self, model, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator):
         if not self.serves(model):  # its weights do not fit the engine: the static engine runs it
