@@ -59,7 +59,7 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lit_opd.configs import shipped_configs
 from lit_opd.data.char_tokenizer import build_char_tokenizer
-from lit_opd.modules.settings import frozen_teacher_dtype
+from lit_opd.loading import frozen_teacher_dtype
 
 VOCAB = 151_936
 STUDENT = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16, num_key_value_heads=8, head_dim=128)
@@ -122,7 +122,7 @@ def run_case(rows: int, budget: int, layers: int, args) -> dict:
     from lit_opd.data.prompts import PromptDataModule
     from lit_opd.data.synthetic import write_jsonl
     from lit_opd.modules import OptimConfig, RolloutConfig, SampledTokenOPD
-    from lit_opd.modules.micro_batches import cut_rows, prompt_response_lengths
+    from lit_opd.rollout.micro_batches import cut_rows, prompt_response_lengths
 
     marks: dict[str, float] = {}
 

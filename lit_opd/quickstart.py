@@ -6,7 +6,9 @@
 Stages (each reads the previous stages' files from the output directory, so any of them can be
 rerun alone):
   data     a character-level HF tokenizer (`data/char_tokenizer.py`) and a synthetic verifiable
-           task, multi-step integer arithmetic with a \\boxed{} answer: train and held-out JSONL.
+           task, multi-step integer arithmetic with a \\boxed{} answer: train and held-out JSONL,
+           and a larger evaluation set (the held-out problems and more from a stream of their own,
+           none of them a train problem) for the sweeps that must resolve small differences.
   teacher  a tiny Qwen3 trained by SFT (`SFTModule`, a real Lightning Trainer), saved as a HF
            checkpoint.
   student  a Qwen3 of the teacher's shape warm-started briefly (300 SFT steps to the teacher's 600)
@@ -40,7 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lit_opd.data.benchmarks import load_problems
 from lit_opd.data.char_tokenizer import build_char_tokenizer
-from lit_opd.data.synthetic import ArithmeticTask, make_splits, write_jsonl
+from lit_opd.data.synthetic import ArithmeticTask, extra_heldout, make_splits, write_jsonl
 from lit_opd.data.templates import PromptTemplate
 from lit_opd.evaluation import evaluate, model_generate_fn
 from lit_opd.lightning_cli import fit_run
@@ -94,7 +96,9 @@ TEACHER = SFTRecipe(hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2, 
 
 @dataclass(frozen=True)
 class QuickstartSettings:
-    """What the stages run. task: the synthetic task (num_train / num_heldout problems);
+    """What the stages run. task: the synthetic task (num_train / num_heldout problems;
+    num_heldout_eval: the larger evaluation file's problems, the held-out ones first, at least
+    num_heldout; adding to it leaves the train and held-out files as they are);
     template: the prompt (the bare problem in the chat template: the task's format is learned
     by SFT, and a short prompt keeps every forward pass on the CPU cheap); max_length: SFT rows'
     prompt + solution + EOS tokens (the longest is about 100); teacher / student: SFT recipes
@@ -105,6 +109,7 @@ class QuickstartSettings:
     task: ArithmeticTask = ArithmeticTask(min_operands=3, max_operands=4, max_operand=9, max_factor=5, max_value=99)
     num_train: int = 20_000
     num_heldout: int = 200
+    num_heldout_eval: int = 400
     template: PromptTemplate = PromptTemplate(chat=True, instruction="")
     max_length: int = 128
     teacher: SFTRecipe = TEACHER
@@ -114,6 +119,10 @@ class QuickstartSettings:
     eval_sampling: SamplingConfig = SamplingConfig(max_new_tokens=96, temperature=1.0)
     fit_args: tuple[str, ...] = field(default_factory=tuple)
     fit_configs: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self):
+        if self.num_heldout_eval < self.num_heldout:
+            raise ValueError(f"num_heldout_eval ({self.num_heldout_eval}) must be ≥ num_heldout ({self.num_heldout})")
 
 
 TASKS = {
@@ -148,6 +157,11 @@ class Layout:
         return self.root / "data" / "heldout.jsonl"
 
     @property
+    def heldout_eval(self) -> Path:
+        """The held-out problems, then more drawn apart from the train split (configs/sweeps/cpu_evidence)."""
+        return self.root / "data" / "heldout_eval.jsonl"
+
+    @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
 
@@ -179,7 +193,10 @@ def build_data(layout: Layout, settings: QuickstartSettings, seed: int) -> None:
     train, heldout = make_splits(settings.task, settings.num_train, settings.num_heldout, seed=seed)
     write_jsonl(train, layout.train)
     write_jsonl(heldout, layout.heldout)
-    print(f"data: {len(train)} train and {len(heldout)} held-out problems in {layout.train.parent}, e.g.")
+    extra = extra_heldout(settings.task, train, heldout, settings.num_heldout_eval - len(heldout), seed=seed)
+    write_jsonl(heldout + extra, layout.heldout_eval)
+    print(f"data: {len(train)} train and {len(heldout)} held-out problems ({len(heldout) + len(extra)} in "
+          f"{layout.heldout_eval.name}) in {layout.train.parent}, e.g.")
     print(f"  {heldout[0]['problem']}\n  " + heldout[0]["solution"].replace("\n\n", "\n  "))
 
 

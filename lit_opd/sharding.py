@@ -13,7 +13,9 @@ turns on `synced_gpus` for FSDP-managed models). The price is one full copy of t
 rank while generating.
 """
 
+import json
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -99,26 +101,28 @@ def wrap_scorer_fsdp1(scorer: nn.Module, strategy) -> FullyShardedDataParallel:
     )
 
 
-def shard_scorers(module, policy: nn.Module, teacher: nn.Module | None, shard_teacher: bool) -> tuple[nn.Module, nn.Module]:
-    """The student and teacher scorers of the LightningModule `module` sharded for its trainer's
-    strategy: FSDP2 (`ModelParallelStrategy`): `shard_scorer` on its device mesh, mixed precision
-    from trainer.precision; FSDP1 (`FSDPStrategy`): `wrap_scorer_fsdp1` with the strategy's
-    settings. The teacher is sharded like the student with `shard_teacher`, else kept whole on
-    every rank (None: a teacher outside the trainer). Returns (policy, teacher): FSDP1 wraps, FSDP2
-    shards in place."""
+def place_scorer(module, scorer: nn.Module, shard: bool = True) -> nn.Module:
+    """`scorer` laid out for the strategy of the LightningModule `module`'s trainer: FSDP2
+    (`ModelParallelStrategy`): `shard_scorer` on its device mesh, mixed precision from
+    trainer.precision; FSDP1 (`FSDPStrategy`): `wrap_scorer_fsdp1` with the strategy's settings.
+    With shard=False it stays whole on every rank (moved to the device under FSDP1, which moves no
+    module itself). Returns the scorer: FSDP1 wraps, FSDP2 shards in place."""
     strategy = module.trainer.strategy
     if isinstance(strategy, FSDPStrategy):
-        policy = wrap_scorer_fsdp1(policy, strategy)
-        if teacher is None:
-            return policy, None
-        if shard_teacher:
-            return policy, wrap_scorer_fsdp1(teacher, strategy)
-        return policy, teacher.to(strategy.root_device)  # FSDPStrategy moves no module itself
-    mesh, mp_policy = fsdp_mesh(module.device_mesh), mixed_precision_policy(module.trainer.precision)
-    shard_scorer(policy, mesh, mp_policy)
-    if teacher is not None and shard_teacher:
-        shard_scorer(teacher, mesh, mp_policy)
-    return policy, teacher
+        return wrap_scorer_fsdp1(scorer, strategy) if shard else scorer.to(strategy.root_device)
+    if shard:
+        shard_scorer(scorer, fsdp_mesh(module.device_mesh), mixed_precision_policy(module.trainer.precision))
+    return scorer
+
+
+def clip_gradient_norm(module, scorer: nn.Module, optimizer, max_norm: float) -> None:
+    """Clip `scorer`'s gradients to global norm `max_norm`: under FSDP1 the wrapped scorer's
+    `clip_grad_norm_` (the norm of all shards, which Lightning's FSDP precision plugin does not
+    do); otherwise the LightningModule `module`'s `clip_gradients`."""
+    if isinstance(scorer, FullyShardedDataParallel):
+        scorer.clip_grad_norm_(max_norm)
+    else:
+        module.clip_gradients(optimizer, max_norm, "norm")
 
 
 @contextmanager
@@ -181,14 +185,22 @@ def gathered(root: nn.Module):
         root.reshard()
 
 
-def save_pretrained_full(scorer: nn.Module, tokenizer, path: str, is_global_zero: bool) -> None:
+def save_pretrained_full(scorer: nn.Module, tokenizer, path: str, is_global_zero: bool,
+                         dtype: torch.dtype | None = None) -> None:
     """Write the HF model `scorer.model` (sharded by FSDP2 or FSDP1, or not) and `tokenizer` to
-    `path` as a plain HF checkpoint (`from_pretrained` loads it). The full state dict is gathered
-    to CPU on rank 0 (a collective under sharding: every rank calls this); rank 0 writes."""
+    `path` as a plain HF checkpoint (`from_pretrained` loads it), its floating-point weights in
+    `dtype` (None: as they are; config.json says which). The full state dict is gathered to CPU on
+    rank 0 (a collective under sharding: every rank calls this); rank 0 writes."""
     # Offloading to CPU is for accelerators only (FSDP1 crashes when asked to on CPU processes).
     on_accelerator = next(scorer.parameters()).device.type != "cpu"
     state_dict = get_model_state_dict(scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=on_accelerator))
     if is_global_zero:
         weights = {name.removeprefix("model."): value for name, value in state_dict.items()}
+        if dtype is not None:
+            weights = {name: value.to(dtype) if value.is_floating_point() else value for name, value in weights.items()}
         scorer.model.save_pretrained(path, state_dict=weights)
+        if dtype is not None:  # save_pretrained writes the dtype of the module's own (master) parameters
+            config = Path(path) / "config.json"
+            config.write_text(json.dumps(json.loads(config.read_text()) | {"dtype": str(dtype).removeprefix("torch.")},
+                                         indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(path)

@@ -1,4 +1,8 @@
-"""Shared fixtures: a real character tokenizer and tiny Qwen3 models saved as HF checkpoints."""
+"""Shared fixtures: a real character tokenizer, tiny Qwen3 models saved as HF checkpoints and
+JSONL prompts files."""
+
+import json
+from collections.abc import Callable, Iterable
 
 import pytest
 import torch
@@ -29,6 +33,27 @@ def tiny_checkpoints(tmp_path_factory, char_tokenizer):
         char_tokenizer.save_pretrained(path)
         paths[name] = str(path)
     return paths
+
+
+@pytest.fixture(scope="session")
+def write_prompts(tmp_path_factory) -> Callable[..., str]:
+    """write_prompts(numbers, problem, answer) → the path of a new JSONL prompts file with a row
+    {"problem": problem(i), "answer": str(answer(i))} for each i of `numbers` (by default the 8
+    rows "i+i=?", answered 2i)."""
+
+    def write(numbers: Iterable[int] = range(8), problem: Callable[[int], str] = lambda i: f"{i}+{i}=?",
+              answer: Callable[[int], int] = lambda i: 2 * i) -> str:
+        path = tmp_path_factory.mktemp("prompts") / "train.jsonl"
+        path.write_text("".join(json.dumps({"problem": problem(i), "answer": str(answer(i))}) + "\n" for i in numbers))
+        return str(path)
+
+    return write
+
+
+@pytest.fixture(scope="session")
+def prompts_file(write_prompts) -> str:
+    """24 prompts "i+(i+1)=?"."""
+    return write_prompts(range(24), lambda i: f"{i}+{i + 1}=?", lambda i: 2 * i + 1)
 
 
 @pytest.fixture(autouse=True)

@@ -1,6 +1,7 @@
 """`lit-opd fit` arguments and checks shared by the end-to-end tests (tests/ is on sys.path under pytest)."""
 
 import math
+import socket
 from pathlib import Path
 
 import torch
@@ -50,3 +51,10 @@ def fit_and_check(config: str, checkpoints, prompts_file, log_dir: Path, *extra:
     events.Reload()
     missing = (TRAIN_TAGS | set(tags)) - set(events.Tags()["scalars"])
     assert not missing, f"TensorBoard tags not written: {sorted(missing)}"
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (a teacher server that refuses connections)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        return closed.getsockname()[1]

@@ -62,3 +62,30 @@ def test_no_two_configs_share_a_block_of_more_than_ten_lines():
                     if line.strip() and not line.lstrip().startswith("#")] for name in shipped_configs()}
     shared = {(a, b): longest_shared_block(files[a], files[b]) for a, b in itertools.combinations(files, 2)}
     assert max(shared.values()) <= 10, {pair: n for pair, n in shared.items() if n > 10}
+
+
+def test_model_help_describes_every_settings_field(capsys, monkeypatch):
+    """`lit-opd fit --model.help SampledTokenOPD` gives each key of RolloutConfig, OptimConfig,
+    TeacherServing and VLLMSettings a description (from the dataclass docstring's Args: section)."""
+    import dataclasses
+    import re
+
+    from lit_opd.modules import OptimConfig, RolloutConfig
+    from lit_opd.rollout.teacher_engines import TeacherServing
+    from lit_opd.rollout.vllm_engine import VLLMSettings
+
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "SampledTokenOPD"])
+    out = capsys.readouterr().out
+    prefixes = {"rollout": RolloutConfig, "optim": OptimConfig, "teacher_serving": TeacherServing,
+                "rollout.vllm": VLLMSettings}
+    undescribed = []
+    for prefix, settings in prefixes.items():
+        for field in dataclasses.fields(settings):
+            if dataclasses.is_dataclass(field.type):
+                continue  # a nested group (rollout.vllm): its fields are checked under their prefix
+            entry = re.search(rf"^  --model\.{re.escape(prefix)}\.{field.name} .*?\n(.*?)\(type:", out, re.M | re.S)
+            if entry is None or not entry.group(1).strip():
+                undescribed.append(f"{prefix}.{field.name}")
+    assert not undescribed, f"keys without a description in --model.help: {undescribed}"

@@ -119,6 +119,64 @@ def test_sampled_token_opd_old_and_teacher_are_stop_gradient():
     assert old.grad is None and teacher.grad is None
 
 
+def one_position_per_token(theta: torch.Tensor, old_logits: torch.Tensor, teacher_logits: torch.Tensor):
+    """One response position after a fixed prefix, every vocabulary token v as the sampled token:
+    row v is y_t = v. Returns sampled_token_opd's [V, 1] inputs: log π_θ(v | prefix) (carrying the
+    gradient to the logits θ), log π_old(v), log π_T(v) and the mask."""
+    logp = F.log_softmax(theta, -1)[:, None]
+    old = F.log_softmax(old_logits, -1)[:, None]
+    teacher = F.log_softmax(teacher_logits, -1)[:, None]
+    mask = torch.ones_like(logp, dtype=torch.bool)
+    return logp, old, teacher, mask
+
+
+@pytest.mark.parametrize("clip_eps", [None, 0.2])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_sampled_token_opd_expected_gradient_is_the_per_position_reverse_kl_gradient(seed, clip_eps):
+    """At reuse 1 (π_old = π_θ, ρ = 1) the sampled-token loss is an unbiased estimate of the
+    reverse-KL gradient at its position: Σ_v π_θ(v) ∇_θ ℓ(v) = ∇_θ KL(π_θ(·|prefix) ‖ π_T(·|prefix)),
+    with θ the logits at that position. The advantage is per token (no return-to-go), so the
+    estimator targets the per-position reverse KL, not the sequence KL. Exact in float64."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = 13
+    theta = (torch.randn(vocab, generator=g, dtype=torch.float64) * 2).requires_grad_()
+    teacher_logits = torch.randn(vocab, generator=g, dtype=torch.float64) * 2
+    logp, old, teacher, mask = one_position_per_token(theta, theta.detach(), teacher_logits)  # old = sg(logp)
+    loss = sampled_token_opd(logp, old, teacher, mask, clip_eps=clip_eps)  # [V, 1]
+    (expected_gradient,) = torch.autograd.grad((old.exp() * loss).sum(), theta)
+
+    p, log_p, log_t = F.softmax(theta, -1), F.log_softmax(theta, -1), F.log_softmax(teacher_logits, -1)
+    (kl_gradient,) = torch.autograd.grad((p * (log_p - log_t)).sum(), theta)
+    torch.testing.assert_close(expected_gradient, kl_gradient, rtol=0, atol=1e-12)
+    # By hand: ∂KL/∂θ_v = π_θ(v)·(log π_θ(v) − log π_T(v) − KL).
+    with torch.no_grad():
+        kl = (p * (log_p - log_t)).sum()
+        torch.testing.assert_close(kl_gradient, p * (log_p - log_t - kl), rtol=0, atol=1e-12)
+    assert kl_gradient.abs().max() > 1e-3  # not a vacuous 0 == 0
+
+
+def test_sampled_token_opd_on_a_reused_rollout_misses_the_reverse_kl_gradient_by_the_drift():
+    """On a reused rollout (π_old ≠ π_θ, no clip) the importance-weighted expectation over the
+    behaviour policy is Σ_v π_old(v) ∇ℓ(v) = Σ_v π_θ(v)·(log π_old(v) − log π_T(v))·∇log π_θ(v):
+    the advantage is frozen at π_old, so it falls short of ∇KL(π_θ ‖ π_T) by
+    Σ_v π_θ(v)·d(v)·∇log π_θ(v), d = log π_θ − log π_old the drift the gates measure."""
+    g = torch.Generator().manual_seed(3)
+    vocab = 13
+    old_logits = torch.randn(vocab, generator=g, dtype=torch.float64) * 2
+    theta = (old_logits + 0.3 * torch.randn(vocab, generator=g, dtype=torch.float64)).requires_grad_()
+    teacher_logits = torch.randn(vocab, generator=g, dtype=torch.float64) * 2
+    logp, old, teacher, mask = one_position_per_token(theta, old_logits, teacher_logits)
+    loss = sampled_token_opd(logp, old, teacher, mask)
+    (expected_gradient,) = torch.autograd.grad((old.exp() * loss).sum(), theta)
+
+    p, log_p, log_t = F.softmax(theta, -1), F.log_softmax(theta, -1), F.log_softmax(teacher_logits, -1)
+    (kl_gradient,) = torch.autograd.grad((p * (log_p - log_t)).sum(), theta)
+    drift = (log_p - F.log_softmax(old_logits, -1)).detach()
+    (drift_term,) = torch.autograd.grad((p.detach() * drift * F.log_softmax(theta, -1)).sum(), theta)
+    torch.testing.assert_close(expected_gradient, kl_gradient - drift_term, rtol=0, atol=1e-12)
+    assert drift_term.abs().max() > 1e-3
+
+
 # ---------------------------------------------------------------- topk_lsm
 
 # Support of K = 2 tokens at one position. Full-vocabulary probabilities:

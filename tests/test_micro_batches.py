@@ -5,7 +5,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lit_opd.modules.micro_batches import cut_rows, prompt_response_lengths, take_rows
+from lit_opd.rollout.micro_batches import cut_rows, prompt_response_lengths, take_rows
 
 
 def padded_tokens(mb: dict[str, torch.Tensor]) -> int:

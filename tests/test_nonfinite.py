@@ -4,7 +4,6 @@ move) with a warning that names the source, `train/nonfinite_skipped` counts it,
 `max_nonfinite_steps` skipped steps in a row stop the run with a clear error."""
 
 import contextlib
-import json
 from pathlib import Path
 
 import lightning as L
@@ -45,7 +44,7 @@ class Poisoned(SampledTokenOPD):
 
     def fill_buffer(self, batch):
         hit = self.poison == "teacher" and batch["rollout_index"] == 1
-        with nan_hidden_states(self.teacher) if hit else contextlib.nullcontext():
+        with nan_hidden_states(self.teacher.scorer) if hit else contextlib.nullcontext():
             super().fill_buffer(batch)
 
     def student_scores(self, mb):
@@ -89,10 +88,8 @@ def fit(checkpoints, prompts_file, poison, steps, max_steps=6, max_nonfinite_ste
 
 
 @pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("nonfinite") / "train.jsonl"
-    path.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(12)))
-    return str(path)
+def prompts_file(write_prompts):
+    return write_prompts(range(12))
 
 
 @pytest.mark.parametrize(

@@ -2,6 +2,7 @@
 (SFT Trainer, `lit-opd fit` on each of the quickstart's distillation configs, pass@k evaluation), writes what
 the next stage reads, and a stage reruns alone from those files."""
 
+import hashlib
 import json
 import subprocess
 import sys
@@ -95,6 +96,30 @@ def test_the_console_command_exits_0_after_a_stage(tmp_path):
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "data" / "heldout.jsonl").exists()
+
+
+# sha256 of the granular task's data files at seed 0, as written when its teacher and student were
+# trained (dbb0c29): a change here shifts the training split, and every SFT stage must be rerun.
+GRANULAR_TRAIN_SHA256 = "26b1112ccf8181910c257d04a81cd5cda2a06da423a978c54c8c4d2d664e51be"
+GRANULAR_HELDOUT_SHA256 = "c2c416934a0b2c58aef6e79fed9162d19ed5629bae490dfe09cbf62be095f28f"
+
+
+def test_the_granular_data_stage_keeps_its_splits_and_adds_a_400_problem_evaluation_set(tmp_path):
+    settings = quickstart.TASKS["granular"]
+    quickstart.run(tmp_path, ["data"], settings=settings)
+    layout = quickstart.Layout(tmp_path)
+    assert hashlib.sha256(layout.train.read_bytes()).hexdigest() == GRANULAR_TRAIN_SHA256
+    assert hashlib.sha256(layout.heldout.read_bytes()).hexdigest() == GRANULAR_HELDOUT_SHA256
+    heldout = layout.heldout.read_text().splitlines()
+    evaluation = layout.heldout_eval.read_text().splitlines()
+    assert len(heldout) == 200 and len(evaluation) == settings.num_heldout_eval == 400
+    assert evaluation[:200] == heldout
+    train_problems = {json.loads(line)["problem"] for line in layout.train.read_text().splitlines()}
+    rows = [json.loads(line) for line in evaluation]
+    assert len({row["problem"] for row in rows}) == len({row["id"] for row in rows}) == 400
+    assert not {row["problem"] for row in rows} & train_problems
+    with pytest.raises(ValueError, match="num_heldout_eval"):
+        QuickstartSettings(num_heldout=200, num_heldout_eval=100)
 
 
 def test_the_distillation_stages_share_the_block64_gate_and_the_step_budget(capsys):

@@ -13,7 +13,8 @@ from transformers import Qwen3Config, Qwen3ForCausalLM
 
 import lit_opd.rollout.static_cache as static_cache
 from lit_opd.rollout.decoder import Decoder, sample_tokens, unsupported_reason
-from lit_opd.rollout.engine import Generation, HFGenerateEngine, SamplingConfig, build_engine
+from lit_opd.rollout.engine import Generation, HFGenerateEngine, SamplingConfig
+from lit_opd.rollout.factory import build_engine
 from lit_opd.rollout.static_cache import StaticCacheEngine
 
 
@@ -373,7 +374,7 @@ def test_cuda_graphs_give_the_eager_engine_tokens():
 
 
 def test_concat_generations_pads_each_part_to_the_longest_response():
-    from lit_opd.modules.collection import concat_generations
+    from lit_opd.rollout.generation import concat_generations
 
     a = Generation(torch.tensor([[5, 6, 7]]), torch.tensor([[True, True, True]]), torch.tensor([[-1.0, -2.0, -3.0]]))
     b = Generation(torch.tensor([[8], [9]]), torch.tensor([[True], [False]]), torch.tensor([[-4.0], [0.0]]))
@@ -388,14 +389,15 @@ def test_concat_generations_pads_each_part_to_the_longest_response():
 def test_generate_batch_size_caps_the_rows_per_call_and_keeps_greedy_tokens(engine, tiny_lm, char_tokenizer):
     from lit_opd.logprobs import CausalLMScorer
     from lit_opd.modules import RolloutConfig
-    from lit_opd.modules.collection import RolloutCollector
+    from lit_opd.rollout.collection import RolloutCollector
+    from lit_opd.rollout.scoring import ScoringSettings
 
     prompts = left_padded_prompts([3, 11, 6, 4, 9], seed=2)
     sampling = SamplingConfig(max_new_tokens=12, temperature=0)
     outputs, calls = {}, []
     for size in (0, 2):
-        collector = RolloutCollector(RolloutConfig(engine=engine, generate_batch_size=size), char_tokenizer, 0,
-                                     verdicts=False, verify_workers=1)
+        collector = RolloutCollector(RolloutConfig(engine=engine, generate_batch_size=size), char_tokenizer,
+                                     build_engine(engine), teacher=None, scoring=ScoringSettings())
         engine_generate = collector.engine.generate
         collector.engine.generate = lambda model, ids, *args: calls.append(len(ids)) or engine_generate(model, ids, *args)
         outputs[size] = collector.generate(CausalLMScorer(tiny_lm), *prompts, sampling, torch.Generator().manual_seed(0))

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lit_opd.data.benchmarks import load_problems
-from lit_opd.data.synthetic import ArithmeticTask, make_problem, make_splits, render_expression, write_jsonl
+from lit_opd.data.synthetic import (ArithmeticTask, extra_heldout, make_problem, make_splits, render_expression,
+                                   write_jsonl)
 
 _OPERATORS = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul}
 STEP = re.compile(r"^(\d+) ([-+*]) (\d+) = (\d+)$")
@@ -108,6 +109,27 @@ def test_splits_are_disjoint_and_ids_unique():
     assert not {r["problem"] for r in train} & {r["problem"] for r in heldout}
     assert len({r["problem"] for r in train}) == 2000
     assert len({r["id"] for r in train + heldout}) == 2200
+
+
+def test_extra_heldout_rows_are_new_correct_problems_with_continued_ids():
+    task = ArithmeticTask()
+    train, heldout = make_splits(task, num_train=3000, num_heldout=200, seed=0)
+    extra = extra_heldout(task, train, heldout, 300, seed=0)
+    assert [row["id"] for row in extra] == [f"arith-heldout-{i:03d}" for i in range(200, 500)]
+    problems = [row["problem"] for row in extra]
+    assert len(set(problems)) == 300
+    assert not set(problems) & {row["problem"] for row in train + heldout}
+    for row in extra:
+        check_row(row, task)
+    assert extra_heldout(task, train, heldout, 300, seed=0) == extra
+    assert extra_heldout(task, train, heldout, 300, seed=1) != extra
+
+
+def test_extra_heldout_from_too_small_a_task_is_an_error():
+    task = ArithmeticTask(min_operands=2, max_operands=2, max_operand=2, max_value=4)
+    train, heldout = make_splits(task, num_train=4, num_heldout=2, seed=0)
+    with pytest.raises(ValueError, match="too few distinct problems"):
+        extra_heldout(task, train, heldout, 100)
 
 
 def test_too_small_a_task_is_an_error():

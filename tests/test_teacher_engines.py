@@ -46,9 +46,10 @@ def test_a_teacher_url_and_a_colocated_teacher_engine_are_one_too_many(tiny_chec
 
 
 @pytest.mark.parametrize("field, value", [("rows_per_request", 0), ("max_concurrency", 0), ("timeout_s", 0.0),
-                                          ("gpu_memory_utilization", 0.0), ("retries", -1), ("backoff_s", -1.0)])
+                                          ("gpu_memory_utilization", 0.0), ("retries", -1), ("backoff_s", -1.0),
+                                          ("max_model_len", 0), ("kv_cache_memory_bytes", 0)])
 def test_teacher_serving_settings_out_of_range_name_their_field(field, value):
-    with pytest.raises(ValueError, match=rf"model.teacher_serving.{field} must be"):
+    with pytest.raises(ValueError, match=rf"model.(init_args.)?teacher_serving.{field} must be"):
         TeacherServing(**{field: value})
 
 
@@ -283,3 +284,11 @@ def test_serve_teacher_reads_what_to_serve_from_the_run_config(monkeypatch, caps
     assert started == {"model": "Qwen/Qwen3-4B", "max_logprobs": 35, "dtype": "bfloat16", "extra": ["--seed", "1"]}
     assert "--model.init_args.teacher_url http://127.0.0.1:1" in capsys.readouterr().out
     assert teacher_server.run_settings(["sg_opd"])["top_k"] == 0
+
+
+def test_the_default_retry_budget_ends_inside_the_default_collective_timeout():
+    """6 tries × 240 s + 2·(1 + 2 + 4 + 8 + 16) s of backoff = 1502 s < 1800 s (Lightning's default)."""
+    from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+
+    assert TeacherServing().give_up_after_s() == 6 * 240 + 2 * 31 == 1502
+    assert TeacherServing().give_up_after_s() < default_pg_timeout.total_seconds() == 1800

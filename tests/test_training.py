@@ -7,25 +7,18 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from helpers_cli import OVERRIDES, fit_and_check, tiny_args
 from lit_opd.cli import main
 from lit_opd.data.prompts import PromptDataModule
 from lit_opd.gates import DriftGate
 from lit_opd.modules import OptimConfig, RolloutConfig, SampledTokenOPD
+from lit_opd.rollout.scoring import score_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 TRAINING_CONFIGS = [c for c in CONFIGS if c.stem not in ("eval", "defaults")]
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "train.jsonl"
-    with path.open("w") as handle:
-        for i in range(24):
-            handle.write(json.dumps({"id": i, "problem": f"{i}+{i + 1}=?", "answer": str(2 * i + 1)}) + "\n")
-    return str(path)
 
 
 @pytest.mark.parametrize("config", CONFIGS + sorted((ROOT / "configs" / "quickstart").glob("*.yaml")),
@@ -55,7 +48,7 @@ class Recorder(SampledTokenOPD):
     def configure_model(self):
         super().configure_model()
         self.student_calls = 0
-        teacher_forward, student_forward = self.teacher.forward, self.policy.forward
+        teacher_forward, student_forward = self.teacher.scorer.forward, self.policy.forward
 
         def teacher_counted(*args, **kwargs):
             self.teacher_calls += 1
@@ -65,7 +58,7 @@ class Recorder(SampledTokenOPD):
             self.student_calls += 1
             return student_forward(*args, **kwargs)
 
-        self.teacher.forward, self.policy.forward = teacher_counted, student_counted
+        self.teacher.scorer.forward, self.policy.forward = teacher_counted, student_counted
 
     def log_step(self, mb, logp, gates, position_loss, reuse_index):
         drift = (logp.detach() - mb["old_logp"]).abs()[mb["response_mask"]].max().item()
@@ -112,7 +105,7 @@ def test_first_step_reads_behaviour_logprobs_off_its_own_forward(minibatches, re
     make_trainer(minibatches * reuse).fit(module, data)
     assert module.student_calls == forwards
     for mb in module.buffer.minibatches:
-        torch.testing.assert_close(mb["old_logp"], module.collector.score(module.policy, mb)["logp"],
+        torch.testing.assert_close(mb["old_logp"], score_rows(module.policy, mb, module.collector.scoring)["logp"],
                                    atol=1e-5, rtol=1e-5)
 
 
@@ -123,7 +116,7 @@ def test_the_student_trains_in_train_mode_so_gradient_checkpointing_is_on(tiny_c
     class Probe(Recorder):
         def micro_step(self, *args, **kwargs):
             model = self.student.model
-            seen.append((self.student.training, model.gradient_checkpointing, self.teacher.model.training))
+            seen.append((self.student.training, model.gradient_checkpointing, self.teacher.scorer.model.training))
             return super().micro_step(*args, **kwargs)
 
     module = make_module(tiny_checkpoints, cls=Probe, gradient_checkpointing=True)
@@ -170,6 +163,31 @@ def test_export_student_writes_loadable_hf_checkpoints(tiny_checkpoints, prompts
         torch.testing.assert_close(exported.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
+def test_export_student_writes_the_student_s_original_dtype(tiny_checkpoints, prompts_file, tmp_path):
+    """A bfloat16 student trained with float32 master weights (dtype float32) is exported in
+    bfloat16 by default (its weights the trained ones, rounded), in float32 with dtype master."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_opd.callbacks import ExportStudent
+
+    bf16_student = tmp_path / "bf16_student"
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoints["student"], dtype=torch.bfloat16).save_pretrained(bf16_student)
+    AutoTokenizer.from_pretrained(tiny_checkpoints["student"]).save_pretrained(bf16_student)
+    module = make_module({**tiny_checkpoints, "student": str(bf16_student)})
+    data = PromptDataModule(str(bf16_student), prompts_file, prompts_per_rollout=2, reuse=1)
+    exports = [ExportStudent(str(tmp_path / "original")), ExportStudent(str(tmp_path / "master"), dtype="master")]
+    make_trainer(1, callbacks=exports).fit(module, data)
+    trained = module.student.state_dict()
+    assert next(iter(trained.values())).dtype == torch.float32
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "original" / "final")
+    master = AutoModelForCausalLM.from_pretrained(tmp_path / "master" / "final")
+    assert json.loads((tmp_path / "original" / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    for name, value in trained.items():
+        assert original.state_dict()[name].dtype == torch.bfloat16, name
+        torch.testing.assert_close(original.state_dict()[name], value.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(master.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
 def test_validate_a_plain_hf_model_through_the_cli(tiny_checkpoints, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     main([
@@ -194,7 +212,7 @@ def test_validate_a_plain_hf_model_through_the_cli(tiny_checkpoints, tmp_path, m
 def test_the_frozen_teacher_is_bfloat16_under_bf16_mixed_else_the_students_dtype():
     """A float32 config under 32-true precision (the quickstart) keeps a float32 teacher; under
     bf16-mixed the teacher computes in bfloat16 anyway and is loaded so; an explicit dtype wins."""
-    from lit_opd.modules.settings import frozen_teacher_dtype
+    from lit_opd.loading import frozen_teacher_dtype
 
     assert frozen_teacher_dtype(None, "float32", "bf16-mixed") == "bfloat16"
     assert frozen_teacher_dtype(None, "float32", "32-true") == "float32"

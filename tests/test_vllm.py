@@ -10,7 +10,8 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lit_opd.logprobs import CausalLMScorer
-from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig, build_engine
+from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig
+from lit_opd.rollout.factory import build_engine
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (pip install \"lit-opd[vllm]\")")
@@ -18,10 +19,15 @@ needs_vllm = pytest.mark.skipif(not HAVE_VLLM, reason="vLLM is not installed (pi
 
 @pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed")
 def test_without_vllm_the_engine_is_a_one_line_error_naming_the_extra():
-    from lit_opd.rollout.teacher_engines import TeacherServing, build_teacher_engine
+    from lit_opd.rollout.factory import build_teacher
+    from lit_opd.rollout.scoring import ScoringSettings
+    from lit_opd.rollout.settings import RolloutConfig
+    from lit_opd.rollout.teacher_engines import TeacherServing
 
     for build in (lambda: build_engine("vllm", "some/student"),
-                  lambda: build_teacher_engine(None, "some/teacher", TeacherServing(), 32, "bfloat16")):
+                  lambda: build_teacher("some/teacher", "vllm", None, TeacherServing(), dtype="bfloat16",
+                                        scoring=ScoringSettings(top_k=32), rollout=RolloutConfig(), tokenizer=None,
+                                        chunk_size=1024)):
         with pytest.raises(ImportError, match=r'pip install "lit-opd\[vllm\]"') as error:
             build()
         assert "\n" not in str(error.value)
@@ -33,9 +39,9 @@ def test_without_vllm_a_paper_config_stops_in_one_line_before_anything_loads(tin
     """defaults.yaml's rollout.engine is vllm: `lit-opd fit --config opd_block64` without vLLM exits
     in the module's __init__ (the tokenizer never loads) with one line naming both ways out."""
     from lit_opd.cli import main
-    from lit_opd.modules import base
+    from lit_opd.modules import assembly
 
-    monkeypatch.setattr(base, "load_tokenizer", lambda *args: pytest.fail("the tokenizer loaded before the check"))
+    monkeypatch.setattr(assembly, "load_tokenizer", lambda *args: pytest.fail("the tokenizer loaded before the check"))
     data = tmp_path / "train.jsonl"
     data.write_text('{"problem": "1+1=?", "answer": "2"}\n')
     with pytest.raises(SystemExit) as stop:
@@ -113,23 +119,17 @@ def test_vllm_logprobs_and_weight_sync_match_the_trainer(tied, checkpoints, char
 
 @needs_vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("config", ["opd", "sg_opd"])
-def test_fit_with_the_vllm_engine(config, checkpoints, tmp_path, monkeypatch):
-    """`lit-opd fit --config opd|sg_opd` with rollout.engine vllm and the teacher in the trainer: the
-    student moves, and vLLM's log-probs agree with the trainer's on every step's rollouts
-    (rollout/logp_mismatch). SG-OPD's teacher rollouts (the teacher is another model than the
-    engine's) come from the static engine."""
-    import json
-
+def test_fit_with_the_vllm_engine(checkpoints, tmp_path, monkeypatch, write_prompts):
+    """`lit-opd fit --config opd` with rollout.engine vllm: the student moves, and vLLM's log-probs
+    agree with the trainer's on every step's rollouts (rollout/logp_mismatch)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from helpers_cli import fit_and_check
 
     monkeypatch.chdir(tmp_path)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(8)))
+    data = write_prompts()
     models = {"student": checkpoints[True], "teacher": checkpoints[False]}
-    fit_and_check(config, models, str(data), tmp_path / "tb", "--model.init_args.rollout.engine=vllm",
+    fit_and_check("opd", models, str(data), tmp_path / "tb", "--model.init_args.rollout.engine=vllm",
                   "--model.init_args.rollout.vllm.gpu_memory_utilization=0.05",
                   "--model.init_args.rollout.vllm.max_model_len=256", tags={"rollout/logp_mismatch"})
     events = EventAccumulator(str(tmp_path / "tb" / "run" / "version_0"))
@@ -222,17 +222,15 @@ def test_a_vllm_server_teacher_scores_and_samples_like_the_trainer(teacher_serve
 @needs_vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("config, where", [("topk_lsm", "colocated"), ("sg_opd", "server")])
-def test_fit_with_the_teacher_outside_the_trainer(config, where, teacher_server, checkpoints, tmp_path, monkeypatch):
+def test_fit_with_the_teacher_outside_the_trainer(config, where, teacher_server, checkpoints, tmp_path, monkeypatch,
+                                                 write_prompts):
     """`lit-opd fit` with vLLM rollouts and the teacher on a colocated vLLM engine (Teacher-TopK/LSM)
     or a vLLM server (SG-OPD: its teacher rollouts come from the server too); the truncated
     importance weight on, its mean logged."""
-    import json
-
     from helpers_cli import fit_and_check
 
     monkeypatch.chdir(tmp_path)
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(8)))
+    data = write_prompts()
     models = {"student": checkpoints[True], "teacher": checkpoints[False]}
     teacher = (["--model.init_args.teacher_engine=vllm", f"--model.init_args.teacher_serving.kv_cache_memory_bytes={2**27}",
                 "--model.init_args.teacher_serving.max_model_len=256"] if where == "colocated"
@@ -245,12 +243,38 @@ def test_fit_with_the_teacher_outside_the_trainer(config, where, teacher_server,
 
 @needs_vllm
 @pytest.mark.slow
-def test_fit_on_two_processes_each_with_its_own_engine(checkpoints, tmp_path):
+def test_sg_opd_with_vllm_rollouts_and_the_teacher_in_the_trainer(checkpoints, write_prompts, monkeypatch):
+    """SG-OPD with rollout.engine vllm and the teacher in the trainer: phased teacher sampling's
+    rollouts come from the teacher's own engine, so the student's vLLM engine only ever generates
+    with the student's weights."""
+    import lightning as L
+
+    from lit_opd.data.prompts import PromptDataModule
+    from lit_opd.gates import SignConsistencyGate
+    from lit_opd.modules import RolloutConfig, SampledTokenOPD
+    from lit_opd.rollout.vllm_engine import VLLMEngine, VLLMSettings
+
+    models, generate = [], VLLMEngine.generate
+    monkeypatch.setattr(VLLMEngine, "generate", lambda self, model, *args: models.append(model) or generate(self, model, *args))
+    vllm = VLLMSettings(kv_cache_memory_bytes=2**27, max_model_len=256)
+    module = SampledTokenOPD(student=checkpoints[True], teacher=checkpoints[False], dtype="float32",
+                             gates=[SignConsistencyGate()],
+                             rollout=RolloutConfig(num_samples=2, max_new_tokens=8, engine="vllm", vllm=vllm,
+                                                   teacher_phases=[(0, 1.0)]))
+    data = PromptDataModule(checkpoints[True], write_prompts(), prompts_per_rollout=2, reuse=1, num_minibatches=1)
+    L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+              enable_model_summary=False).fit(module, data)
+    assert len(models) == 2 and all(model is module.student for model in models)
+    assert module.buffer.stats["train/teacher_rollout_fraction"] == 1.0
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_fit_on_two_processes_each_with_its_own_engine(checkpoints, tmp_path, write_prompts):
     """`lit-opd fit` under FSDP2 on 2 gloo processes with rollout.engine vllm: each rank runs its own
     engine (vLLM's external_launcher backend), the sharded student's weights reach it one tensor at a
     time, and its log-probs agree with the trainer's on both rollout batches (rollout/logp_mismatch,
     rank 0)."""
-    import json
     import os
     import subprocess
     import sys
@@ -259,8 +283,7 @@ def test_fit_on_two_processes_each_with_its_own_engine(checkpoints, tmp_path):
 
     from helpers_cli import OVERRIDES, ROOT, tiny_args
 
-    data = tmp_path / "train.jsonl"
-    data.write_text("".join(json.dumps({"problem": f"{i}+{i}=?", "answer": str(2 * i)}) + "\n" for i in range(8)))
+    data = write_prompts()
     models = {"student": checkpoints[True], "teacher": checkpoints[False]}
     command = [sys.executable, "-m", "lit_opd", "fit", "--config", "opd", "--config", OVERRIDES,
                *tiny_args(models, str(data), "--model.init_args.rollout.engine=vllm",
@@ -313,18 +336,3 @@ def test_asleep_between_calls_at_level_2_and_pushed_again(monkeypatch):
     assert engine_dtype("auto", torch.float16) == "float16" and engine_dtype("float32", torch.float32) == "float32"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert engine_dtype("auto", torch.float32) == "float32"  # the CPU test bed matches the trainer
-
-
-def test_a_model_other_than_the_engines_generates_with_the_static_engine(monkeypatch, tiny_checkpoints):
-    """The teacher in the trainer (phased teacher sampling) does not fit the engine built from the
-    student's files (another width): its rollouts come from the static engine, and vLLM never
-    starts for them."""
-    from lit_opd.rollout.static_cache import StaticCacheEngine
-    from lit_opd.rollout.vllm_engine import VLLMEngine
-
-    teacher = Qwen3ForCausalLM.from_pretrained(tiny_checkpoints["teacher"])
-    monkeypatch.setattr(StaticCacheEngine, "generate", lambda self, model, *args: ("static", model))
-    engine = VLLMEngine(tiny_checkpoints["student"])
-    assert engine.generate(teacher, None, None, None, [0], 0, None) == ("static", teacher)
-    assert engine.llm is None and not engine.serves(teacher)
-    assert engine.serves(Qwen3ForCausalLM.from_pretrained(tiny_checkpoints["student"]))

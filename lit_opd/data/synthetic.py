@@ -126,6 +126,22 @@ def make_problem(rng: random.Random, task: ArithmeticTask) -> dict[str, str]:
     }
 
 
+def _distinct_problems(rng: random.Random, task: ArithmeticTask, count: int, seen: set[str]) -> list[dict]:
+    """The next `count` problems of `rng`'s stream whose text is not in `seen` (which grows)."""
+    distinct: list[dict] = []
+    attempts, limit, excluded = 0, 20 * count + 1000, len(seen)
+    while len(distinct) < count:
+        attempts += 1
+        if attempts > limit:
+            raise ValueError(f"the task {task} has too few distinct problems for {count} rows "
+                             f"besides {excluded} excluded ones")
+        row = make_problem(rng, task)
+        if row["problem"] not in seen:
+            seen.add(row["problem"])
+            distinct.append(row)
+    return distinct
+
+
 def make_splits(
     task: ArithmeticTask, num_train: int, num_heldout: int, seed: int = 0
 ) -> tuple[list[dict], list[dict]]:
@@ -134,23 +150,21 @@ def make_splits(
     Problems are drawn in one stream and deduplicated by text: the first `num_heldout` distinct
     problems are held out, the next `num_train` train. Ids: "arith-train-00000", "arith-heldout-000".
     """
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    distinct: list[dict] = []
-    attempts, limit = 0, 20 * (num_train + num_heldout) + 1000
-    while len(distinct) < num_train + num_heldout:
-        attempts += 1
-        if attempts > limit:
-            raise ValueError(
-                f"the task {task} has too few distinct problems for {num_train} + {num_heldout} rows"
-            )
-        row = make_problem(rng, task)
-        if row["problem"] not in seen:
-            seen.add(row["problem"])
-            distinct.append(row)
+    distinct = _distinct_problems(random.Random(seed), task, num_train + num_heldout, set())
     heldout = [{"id": f"arith-heldout-{i:03d}", **row} for i, row in enumerate(distinct[:num_heldout])]
     train = [{"id": f"arith-train-{i:05d}", **row} for i, row in enumerate(distinct[num_heldout:])]
     return train, heldout
+
+
+def extra_heldout(task: ArithmeticTask, train: list[dict], heldout: list[dict], count: int,
+                  seed: int = 0) -> list[dict]:
+    """`count` more held-out rows for a larger evaluation set, leaving the splits as they are: drawn
+    from a stream of their own (`random.Random(f"extra-heldout-{seed}")`), none with the problem of
+    a train or held-out row or of another extra row; ids continue the held-out numbering
+    ("arith-heldout-200", ... after 200 held-out rows)."""
+    seen = {row["problem"] for row in train + heldout}
+    rows = _distinct_problems(random.Random(f"extra-heldout-{seed}"), task, count, seen)
+    return [{"id": f"arith-heldout-{len(heldout) + i:03d}", **row} for i, row in enumerate(rows)]
 
 
 def write_jsonl(rows: Iterable[dict], path: str | Path) -> Path:

@@ -5,9 +5,9 @@ import lightning as L
 import torch
 
 from lit_opd.data.templates import PromptTemplate, datamodule_template, eos_token_ids
-from lit_opd.modules.loading import load_causal_lm, load_tokenizer
-from lit_opd.modules.settings import DType
-from lit_opd.rollout.engine import EngineName, Generation, SamplingConfig, build_engine
+from lit_opd.loading import DType, load_causal_lm, load_tokenizer
+from lit_opd.rollout.engine import EngineName, Generation, SamplingConfig
+from lit_opd.rollout.factory import build_engine
 from lit_opd.rollout.vllm_engine import VLLMSettings
 
 

@@ -1,13 +1,19 @@
 """What a distillation module adds to a Lightning checkpoint for an exact resume: the settings
 its rollout buffer and data position depend on (refused if a resumed run changes them), every
-rank's rollout buffer and sampling generator, and the non-finite step counters."""
+rank's rollout buffer and sampling generator, and the non-finite step counters; the checkpoint
+written before a run stops for an unreachable teacher; and what a resumed run takes from its own
+command instead (`CommandOptimiserSettings`)."""
+
+from contextlib import contextmanager
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_opd.checkpointing import check_resume_layout, gather_rank_states, resume_layout
+from lit_opd.checkpointing import check_resume, gather_rank_states, resume_layout, save_last_checkpoint
 from lit_opd.modules.step import NonfiniteGuard
 from lit_opd.rollout.buffer import RolloutBuffer
+from lit_opd.rollout.teacher_engines import TeacherUnreachable
 
 
 def check_opens_rollout(batch: dict, buffer: RolloutBuffer | None) -> None:
@@ -47,7 +53,7 @@ def restore_training_state(
 ) -> tuple[RolloutBuffer | None, torch.Generator | None]:
     """Check `state` (checkpoint["lit_opd"] read from `source`) against this run's settings,
     restore `guard`, and return this rank's (rollout buffer, sampling generator)."""
-    check_resume_layout(state["layout"], resume_layout(module, module.trainer.datamodule, module.trainer), source)
+    check_resume(state, module, module.trainer.datamodule, module.trainer, source)
     guard.load_state_dict(state)
     mine = state["ranks"][module.global_rank]
     buffer = RolloutBuffer.from_state_dict(mine["buffer"], torch.device("cpu")) if mine["buffer"] is not None else None
@@ -57,3 +63,44 @@ def restore_training_state(
         generator.set_state(mine["generator"])
     rank_zero_info("restored the rollout buffer and sampling generator from the checkpoint")
     return buffer, generator
+
+
+@contextmanager
+def checkpoint_if_teacher_unreachable(trainer, generator: torch.Generator):
+    """Runs the body (a rollout collection); if a teacher server stayed unreachable on any rank,
+    every rank puts `generator` back, a checkpoint of the last finished step is written, and
+    TeacherUnreachable stops the run. A collective: every rank enters and leaves together."""
+    generator_state, unreachable = generator.get_state(), None
+    try:
+        yield
+    except TeacherUnreachable as error:
+        unreachable = error
+    if trainer.strategy.reduce_boolean_decision(unreachable is not None, all=False):
+        generator.set_state(generator_state)
+        saved = save_last_checkpoint(trainer)
+        raise TeacherUnreachable(f"{unreachable or 'a teacher server of another rank did not answer'}; {saved}") from None
+
+
+def apply_optimiser_settings(optimizer: torch.optim.Optimizer, scheduler, optim) -> None:
+    """Give `optimizer` and its LambdaLR `scheduler` the learning rate, weight decay and betas of
+    `optim` (an `OptimConfig`), keeping their state (Adam's moments, the step count): each group's
+    lr is optim.lr × the schedule's factor at the scheduler's step, computed as LambdaLR computes it,
+    so settings equal to the restored ones change no bit."""
+    scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = optim.lr
+        group["lr"] = optim.lr * factor(scheduler.last_epoch)
+        group["weight_decay"] = optim.weight_decay
+        group["betas"] = tuple(optim.betas)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+class CommandOptimiserSettings(Callback):
+    """A resumed fit optimises with the command's `model.init_args.optim` (lr, weight_decay, betas,
+    and warmup_steps, whose schedule is never saved), not the checkpoint's: Lightning restores the
+    optimiser's and scheduler's state, learning rate included, and this callback then applies the
+    command's settings to it (`apply_optimiser_settings`) before the first step."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for optimizer, config in zip(trainer.optimizers, trainer.lr_scheduler_configs):
+            apply_optimiser_settings(optimizer, config.scheduler, pl_module.optim)

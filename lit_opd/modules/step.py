@@ -1,6 +1,9 @@
-"""The optimisation step's parts that are not the loss itself: the loss denominators of an
+"""The optimisation step's parts that are not the loss itself: what a step takes as given
+(`StepPlan`) and what each micro-batch returns (`MicroResult`), the loss denominators of an
 optimiser step, the guard against non-finite values and the scalars a step logs. Every function
 that reduces across ranks is a collective: every rank calls it, in the same order."""
+
+from dataclasses import dataclass, field
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
@@ -8,6 +11,49 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 
 from lit_opd.losses import Reduction, gated_reduce, truncated_importance_weight
+from lit_opd.rollout.micro_batches import scatter_rows
+
+
+@dataclass
+class StepPlan:
+    """What an optimiser step takes as given before its forwards (`DistillationModule.plan_step`).
+
+    minibatch: the step's rows on the device, with the behaviour log-probs `old_logp` [N, T] unless
+        the step's own forwards give them (a rollout batch's first step: π_old = π_θ).
+    gates: the step-wide gates [N, T] each (None: each micro-batch's forward gives its own).
+    bad: the names of the non-finite values met while planning.
+    """
+
+    minibatch: dict[str, Tensor]
+    gates: list[Tensor] | None
+    bad: list[str]
+
+
+@dataclass
+class MicroResult:
+    """What one micro-batch's forward and backward computed, detached: its rows of the mini-batch
+    (None: an empty micro-batch), log π_θ [n, T'], the position losses and the composed gate
+    [n, T'] (None where none were computed) and the names of the non-finite values met."""
+
+    rows: Tensor | None
+    logp: Tensor
+    position_loss: Tensor | None = None
+    gate: Tensor | None = None
+    bad: list[str] = field(default_factory=list)
+
+
+def gather_results(results: list[MicroResult], like: Tensor, bad: list[str]) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    """The step's [N, T] log-probs, position losses and composed gate (0, 0 and 1 where no
+    micro-batch computed them), shaped like `like`, and the names of the non-finite values met:
+    `bad`, then each micro-batch's in order."""
+    logp, position_loss, gate, bad = torch.zeros_like(like), torch.zeros_like(like), torch.ones_like(like), list(bad)
+    for result in results:
+        scatter_rows(logp, result.rows, result.logp)
+        if result.position_loss is not None:
+            scatter_rows(position_loss, result.rows, result.position_loss)
+            scatter_rows(gate, result.rows, result.gate)
+        bad += result.bad
+    return logp, position_loss, gate, bad
 
 
 def all_reduce_sum(tensor: Tensor, device: torch.device) -> Tensor:
@@ -118,10 +164,11 @@ def compose(gates: list[Tensor], like: Tensor) -> Tensor:
 
 
 def step_logs(
-    mb: dict[str, Tensor], logp: Tensor, gates: list[Tensor], position_loss: Tensor, reduction: Reduction
+    mb: dict[str, Tensor], logp: Tensor, gates: list[Tensor], position_loss: Tensor, reduction: Reduction,
+    reuse_index: int, importance_cap: float | None,
 ) -> tuple[dict[str, Tensor], Tensor]:
-    """(scalars of this mini-batch — local means, teacher rows apart — , the composed gate at its
-    valid positions)."""
+    """(scalars of this mini-batch — local means, teacher rows apart; on a rollout batch's weights
+    (reuse 0) the rollout engine's too (`rollout_logs`) — , the composed gate at its valid positions)."""
     mask = mb["response_mask"]
     logp = logp.detach()
     gate = compose(gates, logp)
@@ -133,7 +180,9 @@ def step_logs(
         "train/gate_mean": valid.mean(),
         "train/gate_min": valid.min(),
         "train/gate_max": valid.max(),
+        "train/reuse_index": float(reuse_index),
         **teacher_row_logs(mb, gate, position_loss),
+        **(rollout_logs(mb, importance_cap) if reuse_index == 0 else {}),
     }
     return scalars, valid
 

@@ -33,6 +33,13 @@ class RolloutBuffer:
             "stats": dict(self.stats),
         }
 
+    def keep_behaviour_logprobs(self, index: int, old_logp: Tensor) -> None:
+        """Mini-batch `index`'s behaviour log-probs [N_i, T] from its first optimiser step on, whose
+        forwards give them (the first mini-batch's are not scored at collection)."""
+        kept = self.minibatches[index]
+        if "old_logp" not in kept:
+            kept["old_logp"] = old_logp.to(kept["teacher_logp"].device)
+
     @classmethod
     def from_state_dict(cls, state: dict, device: torch.device) -> "RolloutBuffer":
         minibatches = [{k: v.to(device) for k, v in mb.items()} for mb in state["minibatches"]]

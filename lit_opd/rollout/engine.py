@@ -2,7 +2,7 @@
 
 An engine turns a batch of left-padded prompts into sampled responses. Every backend returns
 the same `Generation`, so the training modules and the evaluation never know which one ran;
-`build_engine` makes one by name.
+`lit_opd.rollout.factory.build_engine` makes one by name (this module knows no other backend).
 """
 
 from abc import ABC, abstractmethod
@@ -131,22 +131,3 @@ class HFGenerateEngine(RolloutEngine):
         response_ids = response_ids.masked_fill(~response_mask, pad_token_id)
         return Generation(response_ids=response_ids, response_mask=response_mask)
 
-
-def build_engine(name: EngineName, model_path: str | None = None, vllm=None) -> RolloutEngine:
-    """The rollout engine called `name`: "static" is the static-KV-cache engine (`StaticCacheEngine`, which
-    falls back to HF `generate` for models it does not implement), "hf" is `HFGenerateEngine`, "vllm"
-    is `VLLMEngine` built from `model_path` with `vllm` (`VLLMSettings`)."""
-    if name == "static":
-        from lit_opd.rollout.static_cache import StaticCacheEngine  # here: static_cache imports this module
-
-        return StaticCacheEngine()
-    if name == "hf":
-        return HFGenerateEngine()
-    if name == "vllm":
-        from lit_opd.rollout.vllm_engine import VLLMEngine, import_vllm
-
-        if model_path is None:
-            raise ValueError("rollout.engine: vllm needs the student's model path")
-        import_vllm()
-        return VLLMEngine(model_path, vllm)
-    raise ValueError(f"unknown rollout engine {name!r}: expected 'static', 'hf' or 'vllm'")

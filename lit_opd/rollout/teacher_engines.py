@@ -28,23 +28,39 @@ import torch
 from torch import Tensor
 
 from lit_opd.rollout.engine import Generation, SamplingConfig, right_pad
-from lit_opd.rollout.vllm_engine import attended_tokens, import_vllm, row_seeds, sample, start_llm, token_prompts
+from lit_opd.rollout.vllm_engine import attended_tokens, row_seeds, sample, start_llm, token_prompts
+from lit_opd.setting_checks import check_range
 
 
 @dataclass
 class TeacherServing:
-    """How a teacher outside the trainer runs (`model.init_args.teacher_serving`).
+    """How a teacher outside the trainer runs (`model.init_args.teacher_serving`): the first five
+    settings are the colocated engine's (teacher_engine: vllm; it runs without sleep mode: vLLM
+    allows one sleep-mode engine per process, and the student's rollout engine has it), the rest
+    the server client's (teacher_url).
 
-    Colocated (teacher_engine: vllm): gpu_memory_utilization (the share of device memory, on CPU
-        of host memory less all the process holds), kv_cache_memory_bytes (the KV cache's size
-        instead; on CPU, beside the student's rollout engine, it is needed), max_model_len (None:
-        the model's), enforce_eager, dtype ("auto": model.teacher_dtype; vLLM's own "auto" would
-        run a float32 checkpoint in 16 bits). It runs without sleep mode: vLLM allows one
-        sleep-mode engine per process, and the student's rollout engine has it.
-    Server (teacher_url): served_model (the name the server serves; None: model.teacher),
-        rows_per_request (prompt log-probs come back as JSON, ~60 bytes per (position, token)),
-        max_concurrency (requests in flight), timeout_s per request, retries after the first try,
-        each after backoff_s·2^i seconds.
+    Args:
+        gpu_memory_utilization: the colocated engine's share of device memory (on CPU: of host memory
+            less all the process holds).
+        kv_cache_memory_bytes: the colocated engine's KV cache size instead (None: from the share; on
+            CPU, beside the student's rollout engine, it is needed).
+        max_model_len: prompt + response tokens per row of the colocated engine (None: the model's).
+        enforce_eager: the colocated engine without CUDA graphs.
+        dtype: the colocated engine's weights ("auto": model.teacher_dtype; vLLM's own "auto" would run
+            a float32 checkpoint in 16 bits).
+        served_model: the model name the server serves (None: model.teacher).
+        rows_per_request: rows scored per request (prompt log-probs come back as JSON, ~60 bytes per
+            (position, token)).
+        max_concurrency: requests in flight at once.
+        timeout_s: seconds one request may take.
+        retries: tries after the first, the i-th after backoff_s·2^i seconds.
+        backoff_s: the first retry's wait in seconds, doubled at each retry.
+
+    The defaults give up after 6 × 240 s + 62 s ≈ 25 min (`give_up_after_s`), inside the 30-minute
+    collective timeout of Lightning's strategies, so that with several processes every rank is still
+    there to write the checkpoint before the run stops; `lit-opd fit` refuses a budget beyond the
+    strategy's timeout (raise `trainer.strategy.init_args.timeout` with it, e.g. for long teacher
+    rollouts).
     """
 
     gpu_memory_utilization: float = 0.3
@@ -55,7 +71,7 @@ class TeacherServing:
     served_model: str | None = None
     rows_per_request: int = 4
     max_concurrency: int = 16
-    timeout_s: float = 600.0
+    timeout_s: float = 240.0
     retries: int = 5
     backoff_s: float = 2.0
 
@@ -68,6 +84,13 @@ class TeacherServing:
         for name, value in {"retries": self.retries, "backoff_s": self.backoff_s}.items():
             if value < 0:
                 raise ValueError(f"model.teacher_serving.{name} must be ≥ 0, got {value}")
+        for name in ("kv_cache_memory_bytes", "max_model_len"):
+            check_range(f"model.init_args.teacher_serving.{name}", getattr(self, name), 1, optional=True)
+
+
+    def give_up_after_s(self) -> float:
+        """The longest a request can take before `TeacherUnreachable`: every try times out."""
+        return (self.retries + 1) * self.timeout_s + self.backoff_s * (2**self.retries - 1)
 
 
 class TeacherUnreachable(RuntimeError):
@@ -245,8 +268,10 @@ def choices_prompt_logprobs(answer, prompt_lengths: list[int]) -> list:
 
 
 class TeacherEngine:
-    """A teacher outside the trainer: `score` (the `CausalLMScorer` teacher scores of rows),
-    `generate` (teacher rollouts, as a `RolloutEngine` without a model) and `close`."""
+    """The teacher, wherever it runs: `score` (the `CausalLMScorer` teacher scores of rows),
+    `generate` (teacher rollouts, as a `RolloutEngine` without a model), `distribute` and `close`.
+    In the trainer: `trainer_teacher.TrainerTeacher`; outside it: `VLLMTeacher`, `ServerTeacher`;
+    `factory.build_teacher` makes the one the settings ask for."""
 
     @staticmethod
     def logprobs_per_position(top_k: int, exclude: set[int]) -> int:
@@ -259,6 +284,10 @@ class TeacherEngine:
     def generate(self, prompt_ids, prompt_mask, sampling: SamplingConfig, eos_token_ids, pad_token_id,
                  generator) -> Generation:
         raise NotImplementedError
+
+    def distribute(self, place) -> None:
+        """Lay out the weights the teacher holds in the trainer with `place` (a module → the module
+        sharded or moved for the strategy); a teacher outside the trainer holds none."""
 
     def close(self) -> None:
         """Release what the engine holds (none by default)."""
@@ -366,11 +395,3 @@ class ServerTeacher(TeacherEngine):
         ids, mask = right_pad(self.map_requests(bodies, [generated_tokens] * len(bodies)), pad_token_id)
         return Generation(ids.to(prompt_ids.device), mask.to(prompt_ids.device))
 
-
-def build_teacher_engine(url: str | None, model_path: str, settings: TeacherServing, max_logprobs: int, dtype: str):
-    """The teacher outside the trainer: a `ServerTeacher` at `url`, else a colocated `VLLMTeacher`
-    in `dtype` unless settings.dtype says otherwise (vLLM missing: a one-line error naming the extra)."""
-    if url:
-        return ServerTeacher(url, model_path, settings)
-    import_vllm()
-    return VLLMTeacher(model_path, settings, max_logprobs, dtype)

@@ -92,7 +92,7 @@ def run_settings(configs: list[str]) -> dict:
     import yaml
 
     from lit_opd.lightning_cli import run_lightning
-    from lit_opd.modules.settings import frozen_teacher_dtype
+    from lit_opd.loading import frozen_teacher_dtype
 
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.suppress(SystemExit):

@@ -16,27 +16,30 @@ import torch
 from torch import Tensor, nn
 
 from lit_opd.rollout.engine import Generation, RolloutEngine, SamplingConfig, right_pad
-from lit_opd.sharding import full_tensors, is_sharded
+from lit_opd.sharding import full_tensors
 
 
 @dataclass
 class VLLMSettings:
     """The vLLM engine's settings (`model.init_args.rollout.vllm`).
 
-    gpu_memory_utilization: the share of the device's memory vLLM may take for weights and KV
-        cache (on the CPU backend: of host memory, less all the process holds; vLLM's own default
-        0.92 leaves nothing to training). kv_cache_memory_bytes: the KV cache's size instead (None:
-        from the share; on CPU a second engine in one process needs it). max_model_len: prompt + response tokens per row (None: the model's).
-    enable_sleep_mode: on CUDA, sleep between calls (rollout batches, evaluation batches) so
-        training gets the memory back: level 2, which frees the KV cache and drops the weights
-        without copying them to the host, since the next push overwrites them all (one sleep-mode
-        engine per process). enforce_eager: no CUDA graphs. dtype: the engine's weights ("auto":
-        16 bits on CUDA, bfloat16 whatever the master weights' dtype (float16 for float16
-        weights); off CUDA the weights' own dtype, so the CPU test bed matches the trainer).
-    importance_cap: C of the truncated importance weight min(π_old/π_vLLM, C) that multiplies each
-        sampled token's loss, correcting for vLLM's probabilities differing from the trainer's
-        (`losses.truncated_importance_weight`; None: off). Its mean is logged
-        (rollout/importance_weight_mean), as is the mismatch itself (rollout/logp_mismatch).
+    Args:
+        gpu_memory_utilization: the share of device memory vLLM may take for weights and KV cache (on
+            CPU: of host memory less all the process holds; vLLM's own 0.92 leaves nothing to training).
+        kv_cache_memory_bytes: the KV cache's size instead (None: from the share; on CPU a second
+            engine in one process needs it).
+        max_model_len: prompt + response tokens per row (None: the model's).
+        enable_sleep_mode: on CUDA, sleep between calls (rollout and evaluation batches) so training
+            gets the memory back: level 2, which frees the KV cache and drops the weights without
+            copying them to the host, since the next push overwrites them all (one sleep-mode engine
+            per process).
+        enforce_eager: no CUDA graphs.
+        dtype: the engine's weights ("auto": 16 bits on CUDA, bfloat16 whatever the master weights'
+            dtype, float16 for float16 weights; off CUDA the weights' own, so the CPU test bed
+            matches the trainer).
+        importance_cap: C of the truncated importance weight min(π_old/π_vLLM, C) on each sampled
+            token's loss, for vLLM's probabilities differing from the trainer's (None: off); its mean
+            is logged (rollout/importance_weight_mean), as is rollout/logp_mismatch.
     """
 
     gpu_memory_utilization: float = 0.3
@@ -90,13 +93,6 @@ def engine_dtype(setting: str, weights: torch.dtype) -> str:
     return str(weights).removeprefix("torch.")
 
 
-def architecture(config) -> tuple:
-    """What decides whether a model's weights load into an engine built from `config`'s files."""
-    keys = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "vocab_size", "tie_word_embeddings")
-    return tuple(getattr(config, key, None) for key in keys)
-
-
 def weights_version(model: nn.Module) -> tuple[int, ...]:
     """Changes whenever any parameter is written in place (an optimiser step) or replaced."""
     return tuple(p._version + id(p) for p in model.parameters())
@@ -114,7 +110,6 @@ class VLLMEngine(RolloutEngine):
         self.model_path, self.settings = model_path, settings or VLLMSettings()
         self.llm = None
         self.synced: tuple[int, ...] | None = None
-        self.shape: tuple | None = None  # `architecture` of the engine's files, read on first use
 
     @property
     def sleeps(self) -> bool:
@@ -144,27 +139,7 @@ class VLLMEngine(RolloutEngine):
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_tensors(model)})
         self.synced = version
 
-    def serves(self, model: nn.Module) -> bool:
-        """`model`'s weights fit the engine (the student's architecture and shapes), unlike another
-        model handed to the rollout engine (the teacher in the trainer, for phased teacher sampling)."""
-        config = getattr(model, "config", None)
-        if config is None:
-            return True
-        if self.shape is None:
-            from transformers import AutoConfig
-
-            self.shape = architecture(AutoConfig.from_pretrained(self.model_path))
-        return architecture(config) == self.shape
-
     def generate(self, model, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator):
-        if not self.serves(model):  # its weights do not fit the engine: the static engine runs it
-            if any(is_sharded(module) for module in model.modules()):
-                raise ValueError("rollout.engine: vllm and phased teacher sampling with a sharded teacher in the trainer: "
-                                 "set model.init_args.teacher_engine vllm or model.init_args.teacher_url")
-            from lit_opd.rollout.static_cache import StaticCacheEngine
-
-            return StaticCacheEngine().generate(model, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id,
-                                                generator)
         if self.llm is None:
             self.start(next(model.parameters()).dtype)
             self.push_weights(model)

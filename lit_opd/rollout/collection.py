@@ -1,0 +1,130 @@
+"""Rollout collection: one rollout batch from prompts to scored mini-batches.
+
+generate (the live student, `num_samples` per prompt) → verify (when verdicts are needed) → mix
+teacher rollouts (phased teacher sampling) → split into mini-batches → score (behaviour
+log-probs of the student, teacher log-probs and top-K) once per rollout batch.
+"""
+
+import time
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from lit_opd.data.templates import eos_token_ids
+from lit_opd.rollout.buffer import split_rows
+from lit_opd.rollout.engine import Generation, RolloutEngine, SamplingConfig, ended
+from lit_opd.rollout.generation import generate_rows
+from lit_opd.rollout.scoring import ScoringSettings, score_rows
+from lit_opd.rollout.settings import RolloutConfig
+from lit_opd.rollout.teacher_engines import TeacherEngine
+from lit_opd.rollout.teacher_sampling import PhasedTeacherSampling, pad_columns
+from lit_opd.verify import Verifier
+
+
+class RolloutCollector:
+    """Collects rollout batches with `rollout`'s settings, from objects the module builds.
+
+    engine: the student's rollout engine; teacher: the teacher, wherever it runs (`TeacherEngine`);
+    scoring: the teacher's support (top_k, exclude) and the forwards' sizes (`ScoringSettings`);
+    verifier: gives every row a verdict `correct` (None: no verdicts; rollout.teacher_phases needs
+    them). The collector closes what it is handed.
+    """
+
+    def __init__(self, rollout: RolloutConfig, tokenizer, engine: RolloutEngine, teacher: TeacherEngine,
+                 scoring: ScoringSettings, verifier: Verifier | None = None):
+        self.rollout, self.tokenizer, self.engine, self.teacher = rollout, tokenizer, engine, teacher
+        self.scoring, self.verifier = scoring, verifier
+        self.eos_ids = eos_token_ids(tokenizer)
+        self.phases = PhasedTeacherSampling(rollout.teacher_phases) if rollout.teacher_phases else None
+
+    def close(self) -> None:
+        if self.verifier is not None:
+            self.verifier.close()
+        self.engine.close()
+        self.teacher.close()
+
+    def generate(
+        self, scorer: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig,
+        generator: torch.Generator,
+    ) -> Generation:
+        """Sample responses with the student `scorer` through the rollout engine, at most
+        rollout.generate_batch_size rows a call (`generation.generate_rows`). [B, P] → Generation."""
+        return generate_rows(self.engine, scorer, prompt_ids, prompt_mask, sampling, self.eos_ids,
+                             self.tokenizer.pad_token_id, generator, self.rollout.generate_batch_size)
+
+    def verify(self, response_ids: Tensor, response_mask: Tensor, answers: list[str]) -> Tensor:
+        """bool [N]: did each response end (an EOS id under its mask) with a final answer equal to
+        its reference (in \\boxed{}, or the last number with rollout.answer_fallback; time-bounded
+        math-verify in a process pool; a hung or crashed check counts as wrong)."""
+        texts = self.tokenizer.batch_decode(response_ids.masked_fill(~response_mask, self.tokenizer.pad_token_id),
+                                            skip_special_tokens=True)
+        verdicts = self.verifier.verify_batch(texts, answers, fallback=self.rollout.answer_fallback)
+        return torch.tensor(verdicts, dtype=torch.bool, device=response_ids.device) & ended(
+            response_ids, response_mask, self.eos_ids)
+
+    def rollout_rows(self, batch: dict, policy: nn.Module, generator: torch.Generator):
+        """`num_samples` student responses per prompt of `batch`, laid out as rows: (rows,
+        reference answers per row, the generation)."""
+        n = self.rollout.num_samples
+        prompt_ids = batch["prompt_ids"].repeat_interleave(n, dim=0)
+        prompt_mask = batch["prompt_mask"].repeat_interleave(n, dim=0)
+        answers = [a for a in batch["answers"] for _ in range(n)]
+        generation = self.generate(policy, prompt_ids, prompt_mask, self.rollout.sampling(), generator)
+        rows = {
+            "input_ids": torch.cat([prompt_ids, generation.response_ids], dim=1),
+            "attention_mask": torch.cat([prompt_mask, generation.response_mask], dim=1),
+            "response_ids": generation.response_ids,
+            "response_mask": generation.response_mask,
+            "from_teacher": torch.zeros(prompt_ids.shape[0], dtype=torch.bool, device=prompt_ids.device),
+        }
+        if self.rollout.engine == "vllm":  # rollout/logp_mismatch and the truncated importance weight
+            rows["rollout_logp"] = generation.logp
+        return rows, answers, generation
+
+    def collect(
+        self, batch: dict, step: int, policy: nn.Module, generator: torch.Generator
+    ) -> tuple[list[dict[str, Tensor]], dict[str, float]]:
+        """The rollout batch of `batch` (opened at global step `step`) as `batch["num_minibatches"]`
+        scored mini-batches, and the statistics to log once (timings, lengths, verdicts)."""
+        t0 = time.perf_counter()
+        rows, answers, generation = self.rollout_rows(batch, policy, generator)
+        t1 = time.perf_counter()
+        stats = {}
+        if self.verifier is not None:
+            rows["correct"] = self.verify(rows["response_ids"], rows["response_mask"], answers)
+        if self.phases is not None:
+            generate_teacher = partial(self.teacher.generate, sampling=self.rollout.sampling(), eos_token_ids=self.eos_ids,
+                                       pad_token_id=self.tokenizer.pad_token_id, generator=generator)
+            rows, stats = self.phases.mix(step, batch, rows, self.rollout.num_samples, generator, generate_teacher,
+                                          self.verify, self.tokenizer.pad_token_id)
+            if "rollout_logp" in rows:  # the mixed rows may be wider; teacher rows' values are not used
+                rows["rollout_logp"] = pad_columns(rows["rollout_logp"], rows["response_ids"].shape[1], 0.0)
+        verified = time.perf_counter()
+        order = torch.randperm(rows["input_ids"].shape[0], generator=generator)
+        minibatches = split_rows(rows, order, batch["num_minibatches"])
+        t2 = time.perf_counter()
+        for mb in minibatches[1:]:  # the first mini-batch's are its training forward's (`DistillationModule`)
+            mb["old_logp"] = score_rows(policy, mb, self.scoring)["logp"]
+        t3 = time.perf_counter()
+        for mb in minibatches:
+            scores = self.teacher.score(mb, self.scoring.top_k, set(self.scoring.exclude))
+            mb["teacher_logp"] = scores["logp"]
+            if self.scoring.top_k:
+                mb["teacher_topk_logp"], mb["teacher_topk_ids"] = scores["topk_logp"], scores["topk_ids"]
+        t4 = time.perf_counter()
+        generated = generation.response_mask.sum().item()
+        stats |= {
+            "perf/generate_s": t1 - t0,
+            "perf/tokens_per_s": generated / max(t1 - t0, 1e-9),
+            "perf/verify_s": verified - t1,
+            "perf/old_logp_s": t3 - t2,
+            "perf/teacher_s": t4 - t3,
+            "train/response_length": generated / generation.response_mask.shape[0],
+        }
+        if "correct" in rows:
+            stats["train/verifier_accuracy"] = rows["correct"].float().mean().item()
+        if self.verifier is not None:
+            stats["train/verifier_timeouts"] = float(self.verifier.stats.timeouts)
+            stats["train/verifier_crashes"] = float(self.verifier.stats.crashes)
+        return minibatches, stats
