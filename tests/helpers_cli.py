@@ -17,7 +17,7 @@ TRAIN_TAGS = {"train/loss", "train/gate_mean", "train/drift_abs_mean", "train/re
 
 def tiny_args(checkpoints, prompts_file, *extra):
     """Overrides that point a paper config at the tiny checkpoints and a local prompts file, with
-    2 samples of at most 8 tokens per prompt, in float32."""
+    2 samples of at most 8 tokens per prompt, in float32, on the static engine."""
     return [
         f"--model.init_args.student={checkpoints['student']}",
         f"--model.init_args.teacher={checkpoints['teacher']}",
@@ -25,6 +25,7 @@ def tiny_args(checkpoints, prompts_file, *extra):
         "--model.init_args.teacher_dtype=float32",
         "--model.init_args.rollout.num_samples=2",
         "--model.init_args.rollout.max_new_tokens=8",
+        "--model.init_args.rollout.engine=static",
         "--model.init_args.rollout.score_batch_size=4",
         f"--data.tokenizer={checkpoints['student']}",
         f"--data.train_data={prompts_file}",

@@ -51,7 +51,8 @@ def workspace(tiny_checkpoints, tmp_path_factory, write_prompts):
         "model": {
             "class_path": "lit_opd.modules.SampledTokenOPD",
             "init_args": {"student": tiny_checkpoints["student"], "teacher": tiny_checkpoints["teacher"],
-                          "dtype": "float32", "rollout": {"num_samples": 2, "max_new_tokens": 4}},
+                          "dtype": "float32",
+                          "rollout": {"num_samples": 2, "max_new_tokens": 4, "engine": "static"}},
         },
         "data": {"tokenizer": tiny_checkpoints["student"], "train_data": str(train), "prompt_field": "problem",
                  "answer_field": "answer", "problem_format": "as_is", "instruction": "",
@@ -152,7 +153,7 @@ CASES = [
       "collective timeout of 1800 s", "trainer.strategy.init_args.timeout"], False),
     ("teacher_server_unreachable", lambda ws: fit_args(ws, f"--model.init_args.teacher_url=http://127.0.0.1:{closed_port()}",
                                                        "--model.init_args.teacher_serving.retries=0"),
-     ["did not answer in 1 tries", "; wrote ", "last.ckpt: resume with --ckpt_path last"], True),
+     ["gave no usable answer in 1 tries", "; wrote ", "last.ckpt: resume with --ckpt_path last"], True),
     ("validate_with_a_tokenizer_without_chat_template",
      lambda ws: [*validate_args(ws, "--trainer.callbacks.init_args.benchmarks=[aime24]",
                                 "--trainer.callbacks.init_args.max_problems=1",

@@ -68,7 +68,8 @@ def sg_opd_config(checkpoints, inputs, runs: Path) -> dict:
             "class_path": "lit_opd.modules.SampledTokenOPD",
             "init_args": {
                 "student": checkpoints["student"], "teacher": checkpoints["teacher"], "dtype": "float32",
-                "rollout": {"num_samples": 2, "max_new_tokens": 8, "teacher_phases": [[0, 0.5], [4, 0.0]]},
+                "rollout": {"num_samples": 2, "max_new_tokens": 8, "teacher_phases": [[0, 0.5], [4, 0.0]],
+                            "engine": "static"},
                 "optim": {"lr": 1e-2},
                 "gates": [{"class_path": "lit_opd.gates.SignConsistencyGate"},
                           {"class_path": "lit_opd.gates.DriftGate", "init_args": {"block_size": 4}}],

@@ -27,6 +27,7 @@ from lit_opd.rollout.factory import TeacherPlacement, build_engine, build_teache
 from lit_opd.rollout.scoring import ScoringSettings
 from lit_opd.rollout.settings import RolloutConfig
 from lit_opd.rollout.teacher_engines import TeacherEngine, TeacherServing
+from lit_opd.rollout.vllm_engine import require_vllm
 from lit_opd.setting_checks import check_step_settings
 from lit_opd.sharding import place_scorer, save_pretrained_full
 from lit_opd.verify import Verifier, available_cpus
@@ -103,6 +104,7 @@ class DistillationSetup(L.LightningModule):
         check_teacher_placement(teacher_engine, teacher_url, self.full_teacher_logits)
         self.student_path, self.teacher_path, self.dtype_name, self.teacher_dtype_name = student, teacher, dtype, teacher_dtype
         self.teacher_engine, self.teacher_url, self.teacher_serving = teacher_engine, teacher_url, teacher_serving
+        require_vllm(rollout.engine)
         self.tokenizer = load_tokenizer(tokenizer or student, "tokenizer")
         check_same_vocabulary(self.tokenizer, load_tokenizer(teacher, "teacher"), student, teacher)
         self.rollout, self.optim, self.reduction, self.seed = rollout, optim, reduction, seed
