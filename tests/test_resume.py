@@ -428,7 +428,8 @@ def test_a_resume_that_adds_a_sign_gate_to_a_buffer_without_verdicts_is_refused(
     config["model"]["init_args"]["gates"] = config["model"]["init_args"]["gates"][1:]  # the drift gate alone
     path = write_config(config, tmp_path / "config.yaml")
     main(["fit", "--config", path])
-    monkeypatch.setattr("lit_opd.modules.base.load_causal_lm", lambda *args: pytest.fail("a model was loaded"))
+    for where in ("lit_opd.modules.assembly.load_causal_lm", "lit_opd.rollout.factory.load_causal_lm"):
+        monkeypatch.setattr(where, lambda *args: pytest.fail("a model was loaded"))
     sign_and_drift = json.dumps([{"class_path": "lit_opd.gates.SignConsistencyGate"},
                                  {"class_path": "lit_opd.gates.DriftGate", "init_args": {"block_size": 4}}])
     with pytest.raises(SystemExit) as exit_info:
