@@ -25,6 +25,8 @@ from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from lit_opd.lora import lora_layout
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -145,8 +147,8 @@ def find_last_checkpoint(trainer, continue_run: bool) -> str | None:
 def resume_layout(module, datamodule, trainer) -> dict[str, Any]:
     """The settings a checkpoint's rollout buffer and data position depend on, by their CLI names:
     the variant, the teacher that scored the buffer, the rows and normalisers of the buffer
-    (num_samples, teacher top-K, reduction, processes) and the step → rollout
-    mapping of the data schedule (prompts_per_rollout, reuse, num_minibatches)."""
+    (num_samples, teacher top-K, reduction, processes), the LoRA settings and base the weights
+    depend on (`lora.lora_layout`) and the step → rollout mapping of the data schedule (prompts_per_rollout, reuse, num_minibatches)."""
     teacher = module.teacher_path
     layout = {
         "model.class_path": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -155,6 +157,7 @@ def resume_layout(module, datamodule, trainer) -> dict[str, Any]:
         "model.init_args.reduction": module.reduction,
         "model.init_args.top_k": module.teacher_top_k,
         "processes (trainer.num_nodes × trainer.devices)": trainer.num_nodes * trainer.num_devices,
+        **lora_layout(module),
     }
     hparams = getattr(datamodule, "hparams", {})
     for name in ("prompts_per_rollout", "reuse", "num_minibatches"):
