@@ -214,3 +214,44 @@ def test_export_is_the_merged_model_with_the_adapter_folder_beside(tiny_checkpoi
     student.eval()
     with torch.no_grad():
         torch.testing.assert_close(adapted(input_ids=ids).logits, student(input_ids=ids).logits)
+
+
+# ------------------------------------------------------------------------------ sharding
+@pytest.mark.slow
+def test_fsdp2_two_processes_equal_one_with_lora(tmp_path_factory, tiny_checkpoints, write_prompts):
+    """opd_block64 with rank-4 adapters, 2 steps (the second reuses the rollout batch): 2 gloo
+    processes under FSDP2 give the losses, adapter gradients and weights of 1 process, leave the
+    base untouched, and export the merged student with its adapter folder."""
+    from test_fsdp import BLOCK_GATE, assert_same_tensors, initial_weights, losses, run
+
+    prompts = write_prompts(range(10, 34), lambda i: f"{i}+{i + 1}=?", lambda i: 2 * i + 1)  # one length
+    args = ("opd_block64", tiny_checkpoints, prompts)
+    extra = (f"--model.init_args.gates={BLOCK_GATE}", *LORA)
+    single = run(tmp_path_factory, "lora_1", *args, 1, [1, 2], 2, *extra)
+    sharded = run(tmp_path_factory, "lora_2", *args, 2, [1, 2], 2, *extra, export=True)
+    torch.testing.assert_close(losses(sharded), losses(single), rtol=1e-5, atol=0)
+    for step in (1, 2):
+        grads = torch.load(sharded / f"grads_{step}.pt"), torch.load(single / f"grads_{step}.pt")
+        assert grads[1] and all(is_adapter(name) for name in grads[1])  # only adapters have gradients
+        assert_same_tensors(*grads, rtol=2e-5)
+    weights = torch.load(sharded / "weights_2.pt"), torch.load(single / "weights_2.pt")
+    assert_same_tensors({k: v for k, v in weights[0].items() if is_adapter(k)},
+                        {k: v for k, v in weights[1].items() if is_adapter(k)}, rtol=1e-4)
+    base = initial_weights(tiny_checkpoints)
+    for name, value in weights[0].items():
+        if not is_adapter(name):
+            assert torch.equal(value, base[name.replace(".base_layer.", ".")]), name
+    assert AutoModelForCausalLM.from_pretrained(sharded / "export").state_dict().keys() == base.keys()
+    assert (sharded / "export" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_sharding_that_cannot_hold_lora_is_refused_in_one_line(monkeypatch):
+    from lit_opd.lora import check_lora_sharding
+
+    with pytest.raises(ValueError, match="not FSDPStrategy") as error:
+        check_lora_sharding(fsdp1=True)
+    assert "\n" not in str(error.value)
+    check_lora_sharding(fsdp1=False)  # this torch (≥ 2.8)
+    monkeypatch.setattr(torch, "__version__", "2.7.1+cu126")
+    with pytest.raises(ValueError, match=r"needs torch ≥ 2.8 .* this is torch 2.7.1\+cu126"):
+        check_lora_sharding(fsdp1=False)

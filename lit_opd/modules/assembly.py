@@ -199,7 +199,9 @@ def assemble(module) -> tuple[CausalLMScorer, TeacherEngine, RolloutCollector]:
         dtype = frozen_teacher_dtype(None, module.dtype_name, trainer and trainer.precision)
     student = load_causal_lm(module.student_path, dtype, "student", module.tokenizer)
     if module.lora is not None:
-        inject_lora(student, module.lora, getattr(torch, dtype))
+        with torch.random.fork_rng(devices=[]):  # the same initial adapters on every rank, from model.seed
+            torch.manual_seed(module.seed)
+            inject_lora(student, module.lora, getattr(torch, dtype))
         module.register_state_dict_post_hook(drop_frozen_base_keys)  # checkpoints hold the adapters only
     if module.gradient_checkpointing:
         # Non-reentrant: the gradient reaches adapters behind a frozen base on every transformers version.
