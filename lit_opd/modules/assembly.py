@@ -192,20 +192,7 @@ def assemble(module) -> tuple[CausalLMScorer, TeacherEngine, RolloutCollector]:
     replicated (`shard_teacher`), and the module's checkpoints hold no teacher keys."""
     trainer = module._trainer
     sharded = trainer is not None and isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy))
-    dtype = module.dtype_name
-    if module.lora is not None:
-        if sharded:
-            check_lora_sharding(fsdp1=isinstance(trainer.strategy, FSDPStrategy))
-        dtype = frozen_teacher_dtype(None, module.dtype_name, trainer and trainer.precision)
-    student = load_causal_lm(module.student_path, dtype, "student", module.tokenizer)
-    if module.lora is not None:
-        with torch.random.fork_rng(devices=[]):  # the same initial adapters on every rank, from model.seed
-            torch.manual_seed(module.seed)
-            inject_lora(student, module.lora, getattr(torch, dtype))
-        module.register_state_dict_post_hook(drop_frozen_base_keys)  # checkpoints hold the adapters only
-    if module.gradient_checkpointing:
-        # Non-reentrant: the gradient reaches adapters behind a frozen base on every transformers version.
-        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    student = load_student(module, sharded)
     student.train()  # from_pretrained returns eval mode, in which HF skips gradient checkpointing
     policy = CausalLMScorer(student, module.chunk_size)
     scoring = ScoringSettings(module.teacher_top_k, tuple(module.support_exclude), module.micro_batch_tokens,
@@ -227,6 +214,28 @@ def assemble(module) -> tuple[CausalLMScorer, TeacherEngine, RolloutCollector]:
     engine = build_engine(module.rollout.engine, module.student_path, module.rollout.vllm, lora=module.lora is not None)
     return policy, teacher, RolloutCollector(module.rollout, module.tokenizer, engine, teacher, scoring,
                                              verdict_verifier(module))
+
+
+def load_student(module, sharded: bool):
+    """The HF student of `module` as it trains: every weight in model.dtype; or, with model.lora,
+    PEFT's adapters (float32, drawn from model.seed: the same on every rank) on a base frozen in
+    the frozen teacher's dtype, the module's checkpoints then holding the adapters only. FSDP1, and
+    FSDP2 before torch 2.8, are refused for LoRA before anything loads."""
+    trainer, dtype = module._trainer, module.dtype_name
+    if module.lora is not None:
+        if sharded:
+            check_lora_sharding(fsdp1=isinstance(trainer.strategy, FSDPStrategy))
+        dtype = frozen_teacher_dtype(None, module.dtype_name, trainer and trainer.precision)
+    student = load_causal_lm(module.student_path, dtype, "student", module.tokenizer)
+    if module.lora is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(module.seed)
+            inject_lora(student, module.lora, getattr(torch, dtype))
+        module.register_state_dict_post_hook(drop_frozen_base_keys)
+    if module.gradient_checkpointing:
+        # Non-reentrant: the gradient reaches adapters behind a frozen base on every transformers version.
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student
 
 
 def verdict_verifier(module) -> Verifier | None:
