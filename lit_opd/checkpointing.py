@@ -34,6 +34,8 @@ from lightning.fabric.utilities.load import _METADATA_FILENAME
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 
+from lit_opd.lora import lora_layout
+
 PARTIAL_SUFFIX = ".partial"
 
 
@@ -310,8 +312,8 @@ def resume_layout(module, datamodule, trainer) -> dict[str, Any]:
     """The settings a checkpoint's rollout buffer and data position depend on, by their CLI names:
     the variant, the student's shape (its weights and optimiser state), the teacher that scored the
     buffer, the rows and normalisers of the buffer (num_samples, teacher top-K, reduction,
-    processes) and the step → rollout
-    mapping of the data schedule (prompts_per_rollout, reuse, num_minibatches)."""
+    processes), the LoRA settings and base the weights depend on (`lora.lora_layout`) and the
+    step → rollout mapping of the data schedule (prompts_per_rollout, reuse, num_minibatches)."""
     teacher = module.teacher_path
     layout = {
         "model.class_path": f"{type(module).__module__}.{type(module).__qualname__}",
@@ -320,6 +322,7 @@ def resume_layout(module, datamodule, trainer) -> dict[str, Any]:
         "model.init_args.reduction": module.reduction,
         "model.init_args.top_k": module.teacher_top_k,
         "processes (trainer.num_nodes × trainer.devices)": trainer.num_nodes * trainer.num_devices,
+        **lora_layout(module),
     }
     shape = model_shape(module.student_path)
     if shape is not None:

@@ -22,7 +22,7 @@ import copy
 import json
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
@@ -261,6 +261,40 @@ def save_merged(model: nn.Module, directory: str, dtype: torch.dtype | None = No
         config["dtype"] = str(dtype).removeprefix("torch.")
         with open(path, "w") as file:
             json.dump(config, file, indent=2, sort_keys=True)
+
+
+# ----------------------------------------------------------------------- in the trainer
+def check_lora_sharding(fsdp1: bool) -> None:
+    """Refuse LoRA under a sharding strategy that cannot hold it: FSDP1 (`FSDPStrategy`, whose flat
+    parameters mix the frozen base and the trainable adapters), and FSDP2 before torch 2.8, which
+    refuses a unit whose parameters differ in dtype (the bfloat16 base beside float32 adapters;
+    pytorch#154103)."""
+    if fsdp1:
+        raise ValueError("model.init_args.lora: LoRA students are sharded with FSDP2 (ModelParallelStrategy, "
+                         "configs/strategies/fsdp2.yaml), not FSDPStrategy (FSDP1)")
+    if tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2]) < (2, 8):
+        raise ValueError(f"model.init_args.lora under FSDP2 needs torch ≥ 2.8 (a frozen bfloat16 base beside float32 "
+                         f"adapters in one unit), this is torch {torch.__version__}")
+
+
+def drop_frozen_base_keys(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict post-hook of a LightningModule with a LoRA student at `module.policy`: the frozen
+    base is not training state (it is reloaded from model.student), so its checkpoints hold only the
+    student's adapter weights."""
+    student = prefix + "policy."
+    for key in [k for k in state_dict if k.startswith(student) and not is_adapter(k)]:
+        del state_dict[key]
+
+
+def lora_layout(module) -> dict:
+    """What a LoRA checkpoint's weights depend on, for the resume layout: the settings (None: full
+    fine-tuning) and, with adapters, the base they adapt (its real path where it is a local folder)."""
+    settings = getattr(module, "lora", None)
+    if settings is None:
+        return {"model.init_args.lora": None}
+    student = module.student_path
+    return {"model.init_args.lora": asdict(settings),
+            "model.init_args.student": os.path.realpath(student) if os.path.exists(student) else student}
 
 
 # Hyperparameters of modules built in Python hold these; checkpoints load with weights_only=True.

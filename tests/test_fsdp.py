@@ -66,7 +66,7 @@ class Probe(L.Callback):
             with FullyShardedDataParallel.summon_full_params(pl_module.policy, writeback=False, with_grads=True) \
                     if fsdp1 else contextlib.nullcontext():
                 grads = {name.replace("_fsdp_wrapped_module.", ""): full(p.grad)
-                         for name, p in pl_module.student.named_parameters()}
+                         for name, p in pl_module.student.named_parameters() if p.requires_grad}
             if trainer.is_global_zero:
                 torch.save(grads, self.out / f"grads_{trainer.global_step + 1}.pt")
 

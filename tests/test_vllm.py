@@ -119,6 +119,60 @@ def test_vllm_logprobs_and_weight_sync_match_the_trainer(tied, checkpoints, char
 
 @needs_vllm
 @pytest.mark.slow
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_vllm_greedy_rollouts_of_a_lora_student_equal_peft(tied, checkpoints, char_tokenizer):
+    """A LoRA student's merged weights pushed to vLLM: its greedy rollouts equal PEFT's greedy
+    continuation (HF generate through the LoRA layers), before and after the adapters move."""
+    from lit_opd.lora import LoraSettings, inject_lora, lora_layers
+    from lit_opd.rollout.vllm_engine import VLLMEngine, VLLMSettings
+
+    model = inject_lora(Qwen3ForCausalLM.from_pretrained(checkpoints[tied], dtype=torch.float32),
+                        LoraSettings(r=4, lora_alpha=8), torch.float32).eval()
+    engine = VLLMEngine(checkpoints[tied], VLLMSettings(gpu_memory_utilization=0.05, max_model_len=128))
+    ids, mask = prompts(char_tokenizer, ["12+7=", "what is 3*4?", "x"])
+    eos, pad = [char_tokenizer.eos_token_id], char_tokenizer.pad_token_id
+    greedy, g = SamplingConfig(24, temperature=0), torch.Generator().manual_seed(0)
+    changed = []
+    for step in range(2):
+        with torch.no_grad():  # an in-place step on every adapter, as an optimiser's (lora_B starts at 0)
+            for layer in lora_layers(model).values():
+                b = layer.lora_B["default"].weight
+                b.add_(0.05 * torch.randn(b.shape, generator=g))
+        before = engine.synced
+        theirs = engine.generate(model, ids, mask, greedy, eos, pad, torch.Generator())
+        assert engine.synced != before, "the changed adapters were not pushed"
+        ours = HFGenerateEngine().generate(model, ids, mask, greedy, eos, pad, torch.Generator())
+        assert torch.equal(theirs.response_ids, ours.response_ids), f"step {step}"
+        assert torch.equal(theirs.response_mask, ours.response_mask)
+        changed.append(ours.response_ids)
+    engine.close()
+    plain = Qwen3ForCausalLM.from_pretrained(checkpoints[tied], dtype=torch.float32).eval()
+    base = HFGenerateEngine().generate(plain, ids, mask, greedy, eos, pad, torch.Generator())
+    assert not torch.equal(changed[-1], base.response_ids), "the adapters changed no rollout: the test shows nothing"
+
+
+@needs_vllm
+@pytest.mark.slow
+def test_lora_fit_with_the_vllm_engine(checkpoints, tmp_path, monkeypatch, write_prompts):
+    """`lit-opd fit --config opd_lora` with rollout.engine vllm: the adapters move (the merged student
+    differs from its checkpoint), and vLLM's log-probs agree with the trainer's on every step."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from helpers_cli import fit_and_check
+
+    monkeypatch.chdir(tmp_path)
+    models = {"student": checkpoints[True], "teacher": checkpoints[False]}
+    fit_and_check("opd_lora", models, str(write_prompts()), tmp_path / "tb", "--model.init_args.rollout.engine=vllm",
+                  "--model.init_args.lora.r=4", "--model.init_args.optim.lr=1e-2",
+                  "--model.init_args.rollout.vllm.gpu_memory_utilization=0.05",
+                  "--model.init_args.rollout.vllm.max_model_len=256", tags={"rollout/logp_mismatch"})
+    events = EventAccumulator(str(tmp_path / "tb" / "run" / "version_0"))
+    events.Reload()
+    assert max(event.value for event in events.Scalars("rollout/logp_mismatch")) < 1e-4
+
+
+@needs_vllm
+@pytest.mark.slow
 def test_fit_with_the_vllm_engine(checkpoints, tmp_path, monkeypatch, write_prompts):
     """`lit-opd fit --config opd` with rollout.engine vllm: the student moves, and vLLM's log-probs
     agree with the trainer's on every step's rollouts (rollout/logp_mismatch)."""

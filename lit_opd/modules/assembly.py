@@ -3,6 +3,7 @@ its settings, the student, the teacher where the settings place it (`factory.bui
 both laid out for a sharding strategy, the rollout collector over the student's engine, the
 teacher, the scoring settings and a verifier (`assemble`), and what its checkpoints hold."""
 
+import os
 from functools import partial
 
 import lightning as L
@@ -16,6 +17,7 @@ from lit_opd.data.templates import PromptTemplate, datamodule_template
 from lit_opd.gates import Gate
 from lit_opd.loading import DType, check_same_vocabulary, frozen_teacher_dtype, load_causal_lm, load_tokenizer
 from lit_opd.logprobs import CausalLMScorer
+from lit_opd.lora import LoraSettings, check_lora_sharding, drop_frozen_base_keys, inject_lora, save_adapter, save_merged
 from lit_opd.losses import Reduction
 from lit_opd.modules.optim import OptimConfig
 from lit_opd.modules.state import CommandOptimiserSettings, drop_teacher_keys, restore_training_state, training_state
@@ -46,7 +48,9 @@ class DistillationSetup(L.LightningModule):
         student: the student, an HF causal LM path or hub id.
         teacher: the teacher, an HF causal LM path or hub id sharing the student's vocabulary.
         tokenizer: the tokenizer path (default: the student's); linked from data.tokenizer.
-        dtype: the student's weights' dtype (under bf16-mixed, keep float32 master weights).
+        dtype: the student's weights' dtype (under bf16-mixed, keep float32 master weights). With
+            `lora` the frozen base is held as the frozen teacher is: bfloat16 under bf16-mixed
+            precision, else `dtype` (`loading.frozen_teacher_dtype`); the adapters are float32.
         teacher_dtype: the frozen teacher's weights' dtype (None: bfloat16 under bf16-mixed
             precision, which computes in bfloat16 anyway, else `dtype`; `loading.frozen_teacher_dtype`).
         teacher_engine: where the teacher runs: "trainer" (a frozen HF model beside the student) or
@@ -70,6 +74,9 @@ class DistillationSetup(L.LightningModule):
             the student (True) or keep a whole copy on every rank (False).
         max_nonfinite_steps: stop after this many steps in a row skipped for non-finite values.
         seed: the sampling seed (rank r draws from seed·1000003 + r).
+        lora: train low-rank adapters on the frozen student instead of every weight (`LoraSettings`,
+            PEFT's LoRA; null: full fine-tuning). Rollouts, checkpoints (adapters only) and the
+            export (merged weights, the PEFT adapter folder beside them) follow it.
     """
 
     teacher_top_k: int = 0
@@ -97,6 +104,7 @@ class DistillationSetup(L.LightningModule):
         shard_teacher: bool = True,
         max_nonfinite_steps: int = 5,
         seed: int = 0,
+        lora: LoraSettings | None = None,
     ):
         super().__init__()
         check_step_settings(chunk_size, micro_batch_tokens, max_nonfinite_steps)
@@ -108,7 +116,7 @@ class DistillationSetup(L.LightningModule):
         self.tokenizer = load_tokenizer(tokenizer or student, "tokenizer")
         check_same_vocabulary(self.tokenizer, load_tokenizer(teacher, "teacher"), student, teacher)
         self.rollout, self.optim, self.reduction, self.seed = rollout, optim, reduction, seed
-        self.micro_batch_tokens, self.chunk_size = micro_batch_tokens, chunk_size
+        self.micro_batch_tokens, self.chunk_size, self.lora = micro_batch_tokens, chunk_size, lora
         self.gradient_checkpointing, self.shard_teacher = gradient_checkpointing, shard_teacher
         self.automatic_optimization, self.strict_loading = False, False
         self.gates = list(gates or [])
@@ -162,9 +170,17 @@ class DistillationSetup(L.LightningModule):
 
     def save_student_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
         """Write the student and tokenizer as a plain HF checkpoint, sharded or not, its weights in
-        `dtype` (None: the master weights' own; every rank calls this; rank 0 writes)."""
-        save_pretrained_full(self.policy, self.tokenizer, path, self.trainer.is_global_zero if self._trainer else True,
-                             dtype)
+        `dtype` (None: the master weights' own; every rank calls this; rank 0 writes). A LoRA
+        student is written with its adapters merged (None: in the base's dtype), and the PEFT
+        adapter folder beside its files, in `path/adapter`."""
+        is_global_zero = self.trainer.is_global_zero if self._trainer else True
+        if self.lora is None:
+            save_pretrained_full(self.policy, self.tokenizer, path, is_global_zero, dtype)
+            return
+        save_merged(self.student, path, dtype=dtype, is_global_zero=is_global_zero)
+        save_adapter(self.student, self.lora, os.path.join(path, "adapter"), is_global_zero=is_global_zero)
+        if is_global_zero:
+            self.tokenizer.save_pretrained(path)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
@@ -185,12 +201,11 @@ def assemble(module) -> tuple[CausalLMScorer, TeacherEngine, RolloutCollector]:
     """(student scorer, teacher, rollout collector) of the `DistillationModule` `module`. Under a
     sharding strategy (FSDP2 or FSDP1) the student is sharded, the teacher sharded like it or
     replicated (`shard_teacher`), and the module's checkpoints hold no teacher keys."""
-    student = load_causal_lm(module.student_path, module.dtype_name, "student", module.tokenizer)
-    if module.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
+    trainer = module._trainer
+    sharded = trainer is not None and isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy))
+    student = load_student(module, sharded)
     student.train()  # from_pretrained returns eval mode, in which HF skips gradient checkpointing
     policy = CausalLMScorer(student, module.chunk_size)
-    trainer = module._trainer
     scoring = ScoringSettings(module.teacher_top_k, tuple(module.support_exclude), module.micro_batch_tokens,
                               module.rollout.score_batch_size)
     teacher = build_teacher(
@@ -198,7 +213,7 @@ def assemble(module) -> tuple[CausalLMScorer, TeacherEngine, RolloutCollector]:
         dtype=frozen_teacher_dtype(module.teacher_dtype_name, module.dtype_name, trainer and trainer.precision),
         rollout=module.rollout, tokenizer=module.tokenizer, chunk_size=module.chunk_size,
         full_logits=module.full_teacher_logits)
-    if trainer is not None and isinstance(trainer.strategy, (ModelParallelStrategy, FSDPStrategy)):
+    if sharded:
         if module.rollout.engine == "vllm" and isinstance(trainer.strategy, FSDPStrategy):
             raise ValueError("rollout.engine: vllm takes the student's weights from FSDP2, not FSDPStrategy (FSDP1): "
                              "use ModelParallelStrategy (configs/strategies/fsdp2.yaml)")
@@ -207,9 +222,31 @@ def assemble(module) -> tuple[CausalLMScorer, TeacherEngine, RolloutCollector]:
         # Sharded checkpoints load exactly the keys of the module's state dict, and checkpoints
         # hold no teacher (it is frozen and reloaded from model.teacher).
         module.register_state_dict_post_hook(drop_teacher_keys)
-    engine = build_engine(module.rollout.engine, module.student_path, module.rollout.vllm)
+    engine = build_engine(module.rollout.engine, module.student_path, module.rollout.vllm, lora=module.lora is not None)
     return policy, teacher, RolloutCollector(module.rollout, module.tokenizer, engine, teacher, scoring,
                                              verdict_verifier(module))
+
+
+def load_student(module, sharded: bool):
+    """The HF student of `module` as it trains: every weight in model.dtype; or, with model.lora,
+    PEFT's adapters (float32, drawn from model.seed: the same on every rank) on a base frozen in
+    the frozen teacher's dtype, the module's checkpoints then holding the adapters only. FSDP1, and
+    FSDP2 before torch 2.8, are refused for LoRA before anything loads."""
+    trainer, dtype = module._trainer, module.dtype_name
+    if module.lora is not None:
+        if sharded:
+            check_lora_sharding(fsdp1=isinstance(trainer.strategy, FSDPStrategy))
+        dtype = frozen_teacher_dtype(None, module.dtype_name, trainer and trainer.precision)
+    student = load_causal_lm(module.student_path, dtype, "student", module.tokenizer)
+    if module.lora is not None:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(module.seed)
+            inject_lora(student, module.lora, getattr(torch, dtype))
+        module.register_state_dict_post_hook(drop_frozen_base_keys)
+    if module.gradient_checkpointing:
+        # Non-reentrant: the gradient reaches adapters behind a frozen base on every transformers version.
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return student
 
 
 def verdict_verifier(module) -> Verifier | None:

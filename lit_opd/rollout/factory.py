@@ -7,6 +7,7 @@ from typing import Literal
 from lit_opd.loading import DType, load_causal_lm
 from lit_opd.logprobs import CausalLMScorer
 from lit_opd.rollout.engine import EngineName, HFGenerateEngine, RolloutEngine
+from lit_opd.rollout.merged import MergedWeightsEngine
 from lit_opd.rollout.scoring import ScoringSettings
 from lit_opd.rollout.settings import RolloutConfig
 from lit_opd.rollout.static_cache import StaticCacheEngine
@@ -17,12 +18,15 @@ from lit_opd.rollout.vllm_engine import VLLMEngine, VLLMSettings, import_vllm
 TeacherPlacement = Literal["trainer", "vllm"]
 
 
-def build_engine(name: EngineName, model_path: str | None = None, vllm: VLLMSettings | None = None) -> RolloutEngine:
+def build_engine(name: EngineName, model_path: str | None = None, vllm: VLLMSettings | None = None,
+                 lora: bool = False) -> RolloutEngine:
     """The rollout engine called `name`: "static" is the static-KV-cache engine (`StaticCacheEngine`, which
     falls back to HF `generate` for models it does not implement), "hf" is `HFGenerateEngine`, "vllm"
-    is `VLLMEngine` built from `model_path` with `vllm` (`VLLMSettings`)."""
+    is `VLLMEngine` built from `model_path` with `vllm` (`VLLMSettings`). For a LoRA student (`lora`)
+    the static engine runs a merged copy (`MergedWeightsEngine`); HF `generate` runs PEFT's layers as
+    they are, and vLLM is pushed merged weights."""
     if name == "static":
-        return StaticCacheEngine()
+        return MergedWeightsEngine(StaticCacheEngine()) if lora else StaticCacheEngine()
     if name == "hf":
         return HFGenerateEngine()
     if name == "vllm":

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from lit_opd.rollout.engine import Generation, RolloutEngine, SamplingConfig, right_pad
-from lit_opd.sharding import full_tensors
+from lit_opd.lora import merged_weights
 
 
 @dataclass
@@ -132,11 +132,12 @@ class VLLMEngine(RolloutEngine):
 
     def push_weights(self, model: nn.Module) -> None:
         """Load `model`'s current weights into the engine if they changed since the last push; a
-        sharded (FSDP2) model's are gathered one tensor at a time (`sharding.full_tensors`)."""
+        sharded (FSDP2) model's are gathered one tensor at a time, a LoRA student's merged
+        (`lora.merged_weights`: W + scale·B·A under the HF names, out of place)."""
         version = weights_version(model)
         if version == self.synced:
             return
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": full_tensors(model)})
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": merged_weights(model)})
         self.synced = version
 
     def generate(self, model, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator):
