@@ -108,7 +108,13 @@ class TeacherEngine:
     """The teacher, wherever it runs: `score` (the `CausalLMScorer` teacher scores of rows),
     `generate` (teacher rollouts, as a `RolloutEngine` without a model), `distribute` and `close`.
     In the trainer: `trainer_teacher.TrainerTeacher`; outside it: `VLLMTeacher`, `ServerTeacher`;
-    `factory.build_teacher` makes the one the settings ask for."""
+    `factory.build_teacher` makes the one the settings ask for.
+
+    `scores_while_generating`: `score` may run in a thread while the student's engine generates
+    (rollout collection then scores each generated part at once); only a server teacher does.
+    """
+
+    scores_while_generating = False
 
     @staticmethod
     def logprobs_per_position(top_k: int, exclude: set[int]) -> int:
@@ -169,6 +175,8 @@ class ServerTeacher(TeacherEngine):
     """The teacher on a vLLM OpenAI-compatible server (`vllm serve <teacher> --max-logprobs 64`):
     `/v1/completions` with token-id prompts, retried with exponential backoff; a server that stays
     unreachable raises `TeacherUnreachable`, one that refuses a request a ValueError with its reason."""
+
+    scores_while_generating = True  # its work is the server's; this process only waits on HTTP
 
     def __init__(self, url: str, model: str, settings: TeacherServing):
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1") + "/completions"
