@@ -87,6 +87,26 @@ class Probe(L.Callback):
             pl_module.save_student_pretrained(str(self.out / "export"))
 
 
+class FailTeacherGeneration(L.Callback):
+    """On rank `rank`, phased teacher sampling's teacher generation fails at global step `step`,
+    after the teacher generated (its collectives made: the failure is this rank's own)."""
+
+    def __init__(self, step: int, rank: int = 1):
+        self.step, self.rank = step, rank
+
+    def on_train_start(self, trainer, pl_module):
+        teacher = pl_module.collector.teacher
+        generate = teacher.generate
+
+        def failing(*args, **kwargs):
+            generation = generate(*args, **kwargs)
+            if trainer.global_rank == self.rank and trainer.global_step == self.step:
+                raise RuntimeError(f"teacher generation failed on rank {self.rank}")
+            return generation
+
+        teacher.generate = failing
+
+
 class CPUFSDPStrategy(FSDPStrategy):
     """Lightning's FSDPStrategy (FSDP1), unchanged: Lightning refuses the FSDPStrategy class itself
     on CPU, so the test names this subclass to run the same FSDP1 code on gloo."""
@@ -103,8 +123,9 @@ def prompts_file(write_prompts):
 
 
 def fit_args(config, checkpoints, prompts_file, out, steps, prompts_per_rollout, max_steps, *extra, export=False,
-             checkpoint_every_step=False):
-    callbacks = [{"class_path": "test_fsdp.Probe", "init_args": {"out": str(out), "steps": steps, "export": export}}]
+             checkpoint_every_step=False, callbacks=()):
+    callbacks = [{"class_path": "test_fsdp.Probe", "init_args": {"out": str(out), "steps": steps, "export": export}},
+                 *callbacks]
     if checkpoint_every_step:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                           "init_args": {"dirpath": str(out / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1}})
@@ -135,14 +156,15 @@ def lit_opd_script() -> str:
     return found
 
 
-def fit_two_processes(args, out: Path, strategy: str) -> None:
+def fit_two_processes(args, out: Path, strategy: str, check: bool = True) -> subprocess.CompletedProcess:
     """`lit-opd fit` on 2 CPU processes; Lightning starts the second one (it reruns this command
-    line, so the CLI runs as a script)."""
+    line, so the CLI runs as a script). With `check`, it must succeed."""
     command = [lit_opd_script(), *args, "--trainer.accelerator=cpu",
                "--trainer.devices=2", f"--trainer.strategy={strategy}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-6000:]
+    return result
 
 
 def run(tmp_path_factory, name, config, checkpoints, prompts_file, devices, steps, max_steps, *extra, export=False,
@@ -265,6 +287,30 @@ def test_sharded_checkpoint_resumes_to_the_same_losses(opd_sharded, tmp_path_fac
     resumed = run(tmp_path_factory, "opd_resumed", config, tiny_checkpoints, prompts_file, 2, [], 3, gates,
                   f"--ckpt_path={checkpoints[0]}")
     torch.testing.assert_close(losses(resumed), losses(opd_sharded)[1:], rtol=1e-6, atol=0)
+
+
+def test_a_collection_failure_on_one_rank_stops_both_after_a_checkpoint_that_resumes(tmp_path_factory,
+                                                                                    tiny_checkpoints, prompts_file):
+    """SG-OPD on 2 FSDP2 processes: at step 2 (it opens rollout batch 1) rank 1's phased teacher
+    sampling fails after the teacher generated, while rank 0 goes on to verify and then to the
+    student's sharded scoring forwards. Every rank learns of it first (`collection.settle`), so both
+    stop with one line naming the failure and the checkpoint of step 2; resumed from it, the run
+    gives the uninterrupted run's losses."""
+    failing = {"class_path": "test_fsdp.FailTeacherGeneration", "init_args": {"step": 2, "rank": 1}}
+    phases = "--model.init_args.rollout.teacher_phases=[[0, 1.0]]"
+    straight = run(tmp_path_factory, "sg_straight", "sg_opd", tiny_checkpoints, prompts_file, 2, [], 4, phases)
+    out = tmp_path_factory.mktemp("sg_failing")
+    args = fit_args("sg_opd", tiny_checkpoints, prompts_file, out, [], 2, 4, phases, callbacks=[failing])
+    result = fit_two_processes(args, out, FSDP2_CPU, check=False)
+    last = out / "checkpoints" / "last.ckpt"
+    message = (f"CollectionFailed: RuntimeError: teacher generation failed on rank 1; wrote {last}: resume with "
+               f"--ckpt_path last")
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-6000:]
+    assert f"collecting the rollout batch failed on another rank; wrote {last}" in result.stderr
+    assert (last / ".metadata").is_file() and len(losses(out)) == 2
+    resumed = run(tmp_path_factory, "sg_resumed", "sg_opd", tiny_checkpoints, prompts_file, 2, [], 4, phases,
+                  f"--ckpt_path={last}")
+    torch.testing.assert_close(losses(resumed), losses(straight)[2:], rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("strategy", sorted((ROOT / "configs" / "strategies").glob("*.yaml")), ids=lambda p: p.stem)
