@@ -10,7 +10,7 @@ import torch
 
 from lit_opd.logprobs import CausalLMScorer
 from lit_opd.rollout.collection import CollectionFailed, RolloutCollector
-from lit_opd.rollout.engine import Generation, HFGenerateEngine
+from lit_opd.rollout.engine import Generation, HFGenerateEngine, SamplingConfig
 from lit_opd.rollout.scoring import ScoringSettings, score_rows
 from lit_opd.rollout.settings import RolloutConfig
 from lit_opd.rollout.teacher_engines import TeacherEngine
@@ -126,3 +126,45 @@ def test_a_failure_of_this_rank_or_another_is_settled_before_the_next_collective
     with pytest.raises(CollectionFailed, match="failed on another rank"):
         collect(char_tokenizer, tiny_lm, tiny_lm, beside, answer, lambda flag: flags.append(flag) or len(flags) == 2)
     assert flags == [False, False]
+
+
+def test_a_sleeping_vllm_engine_wakes_once_for_the_parts_of_a_rollout_batch(tiny_lm, char_tokenizer, monkeypatch):
+    """Rollouts cut in parts (for a teacher that scores beside generation): the engine wakes before
+    the first part and sleeps after the last, not between parts; a single call wakes and sleeps."""
+    from lit_opd.rollout import vllm_engine
+    from lit_opd.rollout.generation import generate_rows
+
+    class FakeLLM:
+        def __init__(self):
+            self.calls = []
+
+        def wake_up(self):
+            self.calls.append("wake_up")
+
+        def sleep(self, level):
+            self.calls.append("sleep")
+
+        def collective_rpc(self, method, kwargs):
+            self.calls.append(method)
+
+    llm = FakeLLM()
+
+    def sample(engine_llm, prompt_ids, *args):
+        engine_llm.calls.append("sample")
+        ids = torch.ones(prompt_ids.shape[0], 3, dtype=torch.long)
+        return Generation(ids, torch.ones_like(ids, dtype=torch.bool), torch.zeros(ids.shape))
+
+    monkeypatch.setattr(vllm_engine, "sample", sample)
+    monkeypatch.setattr(vllm_engine.VLLMEngine, "sleeps", property(lambda self: True))
+    engine = vllm_engine.VLLMEngine("unused")
+    engine.llm = llm  # started, asleep between rollout batches
+    ids, mask = torch.ones(6, 2, dtype=torch.long), torch.ones(6, 2, dtype=torch.bool)
+    args = (ids, mask, SamplingConfig(3), [char_tokenizer.eos_token_id], char_tokenizer.pad_token_id, torch.Generator())
+    parts = []
+    generation = generate_rows(engine, CausalLMScorer(tiny_lm), *args, batch_size=2,
+                               on_part=lambda first, part: parts.append(first))
+    assert parts == [0, 2, 4] and generation.response_ids.shape == (6, 3)
+    assert llm.calls == ["wake_up", "reload_weights", "sample", "sample", "sample", "sleep"]
+    llm.calls.clear()
+    generate_rows(engine, CausalLMScorer(tiny_lm), *args, batch_size=2)
+    assert llm.calls == ["wake_up", "sample", "sleep"]

@@ -2,7 +2,6 @@
 rollout engine: eval mode, at most a given number of rows a call, the model gathered if sharded."""
 
 from collections.abc import Callable
-from contextlib import nullcontext
 
 import torch
 from torch import Tensor, nn
@@ -43,7 +42,7 @@ def generate_rows(
     size = prompt_ids.shape[0] if engine.paged and on_part is None else batch_size or prompt_ids.shape[0]
     parts = []
     try:
-        with torch.no_grad(), nullcontext() if engine.paged else gathered(scorer):
+        with torch.no_grad(), engine.held_awake() if engine.paged else gathered(scorer):
             for i in range(0, prompt_ids.shape[0], size):
                 parts.append(engine.generate(model, prompt_ids[i : i + size], prompt_mask[i : i + size], sampling,
                                              eos_token_ids, pad_token_id, generator))

@@ -9,6 +9,7 @@ is a one-line error naming the extra. The engine runs in the training process
 
 import gc
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,6 +83,7 @@ class VLLMEngine(RolloutEngine):
         self.model_path, self.settings = model_path, settings or VLLMSettings()
         self.llm = None
         self.synced: tuple[int, ...] | None = None
+        self.awake, self.holding = False, False
 
     @property
     def sleeps(self) -> bool:
@@ -98,7 +100,7 @@ class VLLMEngine(RolloutEngine):
     def close(self) -> None:
         """Release the engine (its reserved KV-cache memory) so that another can start in this process."""
         if self.llm is not None:
-            self.llm = None
+            self.llm, self.awake = None, False
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -115,13 +117,29 @@ class VLLMEngine(RolloutEngine):
     def generate(self, model, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator):
         if self.llm is None:
             self.start(next(model.parameters()).dtype)
-        elif self.sleeps:
+        elif self.sleeps and not self.awake:
             self.llm.wake_up()
+        self.awake = True
         self.push_weights(model)
         generation = sample(self.llm, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator)
-        if self.sleeps:
-            self.llm.sleep(level=1)
+        if not self.holding:
+            self.put_to_sleep()
         return generation
+
+    @contextmanager
+    def held_awake(self):
+        """Generate calls inside (the parts of one rollout batch) wake the engine once; it sleeps after."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            self.put_to_sleep()
+
+    def put_to_sleep(self) -> None:
+        if self.sleeps and self.awake:
+            self.llm.sleep(level=1)
+        self.awake = False
 
 
 def start_llm(model_path: str, dtype: str, gpu_memory_utilization: float, max_model_len: int | None,
