@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_opd.checkpointing import check_resume_layout, gather_rank_states, resume_layout, save_last_checkpoint
 from lit_opd.modules.step import NonfiniteGuard
 from lit_opd.rollout.buffer import RolloutBuffer
-from lit_opd.rollout.collection import CollectionFailed
+from lit_opd.rollout.collection import CollectionFailed, one_line
 from lit_opd.rollout.teacher_engines import TeacherUnreachable
 
 
@@ -81,10 +81,8 @@ def checkpoint_if_collection_fails(trainer, generator: torch.Generator):
     if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
         generator.set_state(generator_state)
         path = save_last_checkpoint(trainer)
-        cause = failure.__cause__ if isinstance(failure, CollectionFailed) and failure.__cause__ else failure
-        kind = TeacherUnreachable if isinstance(cause, TeacherUnreachable) else CollectionFailed
-        reason = str(failure if cause is None or kind is CollectionFailed else cause).strip().splitlines()
-        reason = reason[0] if reason else type(cause).__name__
-        if failure is None:
-            reason = "collecting the rollout batch failed on another rank"
-        raise kind(f"{reason}; wrote {path}: resume with --ckpt_path last") from None
+        cause = failure.__cause__ if isinstance(failure, CollectionFailed) else failure
+        if isinstance(cause, TeacherUnreachable):  # its message names the server and the tries
+            raise TeacherUnreachable(f"{cause}; wrote {path}: resume with --ckpt_path last") from None
+        reason = str(failure) if isinstance(failure, CollectionFailed) else one_line(failure)
+        raise CollectionFailed(f"{reason}; wrote {path}: resume with --ckpt_path last") from None

@@ -47,10 +47,16 @@ def settle(any_failed: Callable[[bool], bool], work: Callable[[], T]) -> T:
     except Exception as caught:
         result, error = None, caught
     if any_failed(error is not None):
-        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}" \
-            if error is not None else "collecting the rollout batch failed on another rank"
-        raise CollectionFailed(reason) from error
+        raise CollectionFailed(one_line(error)) from error
     return result
+
+
+def one_line(error: BaseException | None) -> str:
+    """"<type>: <first line of its message>" of this rank's error (None: another rank's)."""
+    if error is None:
+        return "collecting the rollout batch failed on another rank"
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 class RolloutCollector:
@@ -105,7 +111,8 @@ class RolloutCollector:
         answers = [a for a in batch["answers"] for _ in range(n)]
 
         def part_rows(first: int, part: Generation) -> None:
-            ids, mask = prompt_ids[first : first + part.response_ids.shape[0]], prompt_mask[first : first + part.response_ids.shape[0]]
+            rows = slice(first, first + part.response_ids.shape[0])
+            ids, mask = prompt_ids[rows], prompt_mask[rows]
             on_part(first, {"input_ids": torch.cat([ids, part.response_ids], dim=1),
                             "attention_mask": torch.cat([mask, part.response_mask], dim=1),
                             "response_ids": part.response_ids, "response_mask": part.response_mask})
