@@ -137,7 +137,10 @@ class TeacherEngine:
 
 
 class VLLMTeacher(TeacherEngine):
-    """The teacher as an in-process vLLM engine beside the trainer (started on first use)."""
+    """The teacher as an in-process vLLM engine beside the trainer (started on first use). It does
+    not score while the student generates: vLLM keeps the running forward's context in a
+    process-wide global (`vllm.forward_context._forward_context`), so two engines of one process
+    cannot run forwards in two threads at once."""
 
     def __init__(self, model_path: str, settings: TeacherServing, max_logprobs: int, dtype: str = "auto"):
         self.model_path, self.settings, self.max_logprobs = model_path, settings, max_logprobs
