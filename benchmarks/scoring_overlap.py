@@ -5,7 +5,8 @@ random-weight Qwen3s over the character tokenizer (saved to a temporary director
 started here (`teacher_scoring.start_server`). The two ways take turns `rounds` times after a
 warm-up round. Prints one JSON object: per way the seconds per rollout batch (best, and each
 round), its generation and teacher-wait seconds (perf/generate_s, perf/teacher_s), and the ratio
-after / beside. Needs vLLM (run it in .venv-vllm):
+after / beside; "parts_after" generates in the same parts as "beside" but scores after (what the
+parts alone cost). Needs vLLM (run it in .venv-vllm):
 
     .venv-vllm/bin/python benchmarks/scoring_overlap.py
 """
@@ -70,11 +71,16 @@ def main() -> None:
     batch = {"prompt_ids": torch.tensor([[tokenizer.pad_token_id] * (P - len(r)) + r for r in rows]),
              "prompt_mask": torch.tensor([[False] * (P - len(r)) + [True] * len(r) for r in rows]),
              "answers": ["0"] * args.prompts, "num_minibatches": 1}
-    results = {"after": [], "beside": []}
+    results = {"after": [], "parts_after": [], "beside": []}
     try:
         for round_ in range(args.rounds + 1):  # the first round warms up and is dropped
             for way in results:
                 teacher.scores_while_generating = way == "beside"
+                if way == "parts_after":  # generated in parts as beside, but scored after: the parts' own cost
+                    collector.rollout_rows = lambda batch, policy, generator, on_part: RolloutCollector.rollout_rows(
+                        collector, batch, policy, generator, lambda first, rows: None)
+                else:
+                    collector.__dict__.pop("rollout_rows", None)
                 start = time.perf_counter()
                 _, stats = collector.collect(batch, 0, policy, torch.Generator().manual_seed(round_))
                 seconds = time.perf_counter() - start
