@@ -274,6 +274,7 @@ def train_step(paths: dict, shape: dict, directory: Path, matmul_tflops: float |
                           "peak_bytes": torch.cuda.max_memory_allocated() if device == "cuda" else 0})
 
     rollout = dict(config["rollout"], max_new_tokens=shape["new_tokens"], engine="static")
+    rollout.pop("vllm", None)  # defaults.yaml's vLLM settings: a dict here, and the static engine needs none
     optim = {key: value for key, value in config["optim"].items() if key in ("lr", "weight_decay", "gradient_clip_val")}
     module = SampledTokenOPD(
         student=paths["student"], teacher=paths["teacher"], dtype=config["dtype"],

@@ -29,8 +29,10 @@ checkpointed residual stream stays float32 and the rest is smaller, so these are
 teacher's 36), peak GPU memory on one GPU and per GPU under FSDP2 on 8 is
   persistent (student: 16 bytes/parameter in float32 with AdamW, teacher at its dtype;
   under FSDP2 both divided by 8) + max(training step, generation, evaluation)
-with the training step at the config's micro_batch_tokens, generation's KV cache at
-rollout.generate_batch_size rows × (max_prompt_length + max_new_tokens) in bfloat16 plus one
+with the training step at the config's micro_batch_tokens; with rollout.engine vllm (the paper
+configs') generation and evaluation are vLLM's share of an 80 GB GPU (rollout.vllm.
+gpu_memory_utilization: its bfloat16 weights and KV cache; asleep during the step); otherwise
+generation's KV cache at rollout.generate_batch_size rows × (max_prompt_length + max_new_tokens) in bfloat16 plus one
 float32 [rows, vocab] logits buffer (under FSDP2 the gathered student's float32 weights too), and
 evaluation the same at PassAtKEvaluation's batch_size. Only sampled-token OPD is rehearsed;
 Teacher-TopK adds its buffered top-K and GKD the teacher's hidden states and lm_head chunk in the
@@ -64,6 +66,7 @@ STUDENT = dict(hidden_size=2048, intermediate_size=6144, num_attention_heads=16,
 TEACHER = dict(hidden_size=2560, intermediate_size=9728, num_attention_heads=32, num_key_value_heads=8, head_dim=128)
 REAL_LAYERS = {"student": 28, "teacher": 36}
 GIB = 2**30
+GPU_BYTES = 85_029_158_912  # an 80 GB A100/H100 as CUDA reports it (79.2 GiB): vLLM's share is of this
 
 
 def qwen3_config(shape: dict, layers: int) -> Qwen3Config:
@@ -227,19 +230,35 @@ def project(config_name: str, fit: dict[str, float]) -> dict:
     if module == "GKD":  # the teacher's hidden states and its own lm_head chunk in the step (not rehearsed)
         step += tokens * TEACHER["hidden_size"] * 4 + 2 * model.get("chunk_size", 1024) * VOCAB * 4
     kv = kv_bytes_per_token(STUDENT, REAL_LAYERS["student"])
-    gen_rows = rollout.get("generate_batch_size") or rows
-    generation = gen_rows * ((data["max_prompt_length"] + rollout["max_new_tokens"]) * kv + VOCAB * 4)
     eval_rows = evaluation.get("batch_size", 64)
-    evaluation_bytes = eval_rows * ((data["max_prompt_length"] + evaluation["max_new_tokens"]) * kv + VOCAB * 4)
-    gathered = student_params * dtype_bytes[model["dtype"]]
-    one = student_bytes + teacher_bytes + max(step, generation, evaluation_bytes)
-    fsdp8 = (student_bytes + teacher_bytes) / 8 + max(step, generation + gathered, evaluation_bytes + gathered)
+    extra = {}
+    if rollout.get("engine") == "vllm":
+        # vLLM's pool (bfloat16 weights + KV cache, its share of the GPU) while it generates or
+        # evaluates; asleep at level 2 during the step (weights and KV cache released).
+        share = rollout.get("vllm", {}).get("gpu_memory_utilization", 0.3)
+        generation = evaluation_bytes = share * GPU_BYTES
+        weights = student_params * 2
+        extra = {"vllm_share": share, "vllm_weights_gib": round(weights / GIB, 1),
+                 "vllm_kv_cache_gib": round((share * GPU_BYTES - weights) / GIB, 1),
+                 "vllm_kv_cache_tokens": int((share * GPU_BYTES - weights) // kv)}
+        one = student_bytes + teacher_bytes + max(step, generation)
+        fsdp8 = (student_bytes + teacher_bytes) / 8 + max(step, generation)  # weights pushed one tensor at a time
+    else:
+        gen_rows = rollout.get("generate_batch_size") or rows
+        generation = gen_rows * ((data["max_prompt_length"] + rollout["max_new_tokens"]) * kv + VOCAB * 4)
+        evaluation_bytes = eval_rows * ((data["max_prompt_length"] + evaluation["max_new_tokens"]) * kv + VOCAB * 4)
+        gathered = student_params * dtype_bytes[model["dtype"]]
+        one = student_bytes + teacher_bytes + max(step, generation, evaluation_bytes)
+        fsdp8 = (student_bytes + teacher_bytes) / 8 + max(step, generation + gathered, evaluation_bytes + gathered)
     return {
-        "config": config_name, "micro_batch_tokens": model.get("micro_batch_tokens", 0),
+        "config": config_name, "engine": rollout.get("engine", "static"),
+        "micro_batch_tokens": model.get("micro_batch_tokens", 0),
         "generate_batch_size": rollout.get("generate_batch_size", 0), "eval_batch_size": eval_rows,
         "gib": {"student_state": student_bytes / GIB, "teacher": teacher_bytes / GIB, "train_step": step / GIB,
                 "generation": generation / GIB, "evaluation": evaluation_bytes / GIB},
+        **extra,
         "one_gpu_gib": round(one / GIB, 1), "fsdp2_8_gpus_per_gpu_gib": round(fsdp8 / GIB, 1),
+        "fits_80gb": bool(one < GPU_BYTES),
     }
 
 
@@ -271,11 +290,16 @@ def main() -> None:
     parser.add_argument("--model-dir", default=None, help="where the random-weight checkpoints go (default: a temp dir)")
     parser.add_argument("--project", metavar="CASES", help="no runs: fit and project from a file of case lines "
                         "(the JSON objects an earlier run printed to stderr, one a line)")
+    parser.add_argument("--fit", metavar="JSON", help="no runs: project from the \"fit\" object an earlier run printed")
     parser.add_argument("--case", type=int, nargs=3, metavar=("ROWS", "BUDGET", "LAYERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.case:
         print(json.dumps(run_case(*args.case, args)))
+        return
+    if args.fit:
+        fit = json.loads(args.fit)
+        print(json.dumps({"fit": fit, "projection": [project(name, fit) for name in paper_configs()]}, indent=1))
         return
     if args.project:
         cases = [json.loads(line) for line in Path(args.project).read_text().splitlines() if line.startswith("{")]

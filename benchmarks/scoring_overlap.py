@@ -2,7 +2,7 @@
 (`RolloutCollector.collect`: each `--generate-batch-size` part of the student's vLLM rollouts goes to
 the server as soon as it is generated). The student generates with the vllm engine in this process;
 random-weight Qwen3s over the character tokenizer (saved to a temporary directory), the server
-started here (`teacher_scoring.start_server`). The two ways take turns `rounds` times after a
+started here (`start_teacher_server`). The two ways take turns `rounds` times after a
 warm-up round. Prints one JSON object: per way the seconds per rollout batch (best, and each
 round), its generation and teacher-wait seconds (perf/generate_s, perf/teacher_s), and the ratio
 after / beside; "parts_after" generates in the same parts as "beside" but scores after (what the
@@ -19,7 +19,6 @@ import tempfile
 import time
 
 import torch
-from teacher_scoring import start_server
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from lit_opd.data.char_tokenizer import build_char_tokenizer
@@ -28,6 +27,7 @@ from lit_opd.rollout.collection import RolloutCollector
 from lit_opd.rollout.scoring import ScoringSettings
 from lit_opd.rollout.settings import RolloutConfig
 from lit_opd.rollout.teacher_engines import ServerTeacher, TeacherServing
+from lit_opd.rollout.teacher_server import start_teacher_server
 from lit_opd.rollout.vllm_engine import VLLMEngine, VLLMSettings
 
 
@@ -57,7 +57,8 @@ def main() -> None:
     student = save_model(os.path.join(root, "student"), tokenizer, 2, 256, 0)
     teacher_path = save_model(os.path.join(root, "teacher"), tokenizer, 4, 256, 1)
     max_len = 32 + args.max_new_tokens + 1
-    server, url = start_server(teacher_path, args.top_k, 0.1, max_len, "float32")
+    server = start_teacher_server(teacher_path, args.top_k, "float32", kv_cache_memory_bytes=2**28, max_model_len=max_len)
+    url = server.url
     engine = VLLMEngine(student, VLLMSettings(kv_cache_memory_bytes=2**28, max_model_len=max_len))
     teacher = ServerTeacher(url, teacher_path, TeacherServing())
     rollout = RolloutConfig(num_samples=args.samples, max_new_tokens=args.max_new_tokens, engine="vllm",
@@ -89,8 +90,7 @@ def main() -> None:
                                          "teacher_s": stats["perf/teacher_s"]})
     finally:
         collector.close()
-        server.terminate()
-        server.wait(60)
+        server.close()
     ways = {way: {"best_s": round(min(r["seconds"] for r in runs), 3),
                   "seconds": [round(r["seconds"], 3) for r in runs],
                   "generate_s": [round(r["generate_s"], 3) for r in runs],

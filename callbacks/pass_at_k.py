@@ -16,6 +16,7 @@ from lit_opd.data.benchmarks import BENCHMARKS, Problem, benchmark_name, load_pr
 from lit_opd.data.templates import MATH_INSTRUCTION, PromptTemplate
 from lit_opd.evaluation import PassAtKMetric, ProblemResult, evaluate
 from lit_opd.rollout.engine import SamplingConfig
+from lit_opd.setting_checks import check_range
 from lit_opd.verify import DEFAULT_TIMEOUT, Verifier, available_cpus
 
 log = logging.getLogger(__name__)
@@ -36,8 +37,9 @@ class PassAtKEvaluation(L.Callback):
     The module provides `tokenizer`, `prompt_template` (its `chat` is used unless `chat` is set
     here) and `generate_responses(prompt_ids, prompt_mask, sampling, generator)`. Each rank
     evaluates problems[rank::world_size], padded to the same count so every rank makes the same
-    generate calls (FSDP needs that); the metrics are summed over ranks. A round that fails on
-    any rank is skipped with a warning, and training goes on.
+    generate calls (FSDP needs that); the metrics are summed over ranks. In fit, a round that
+    fails on any rank is skipped with a warning, and training goes on; in validate / test, whose
+    whole work it is, it is an error (the command exits non-zero in one line).
 
     Args:
         benchmarks: packaged names (aime24, aime25, math500, amc23), .jsonl/.json/.parquet
@@ -88,6 +90,13 @@ class PassAtKEvaluation(L.Callback):
             raise ValueError(f"every_n_steps must be ≥ 1 or None, got {every_n_steps}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        key = "PassAtKEvaluation"
+        check_range(f"{key}.temperature", temperature, 0)
+        check_range(f"{key}.top_p", top_p, 0, 1, low_open=True)
+        check_range(f"{key}.max_new_tokens", max_new_tokens, 1)
+        check_range(f"{key}.max_problems", max_problems, 1, optional=True)
+        check_range(f"{key}.verify_timeout", verify_timeout, 0, low_open=True)
+        check_range(f"{key}.verify_workers", verify_workers, 1, optional=True)
         self.benchmarks, self.n, self.ks = list(benchmarks), n, sorted(set(ks))
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
         self.every_n_steps, self.at_start, self.at_end = every_n_steps, at_start, at_end
@@ -150,13 +159,16 @@ class PassAtKEvaluation(L.Callback):
         or None if the round failed on some rank."""
         step, stage = trainer.global_step, trainer.state.fn.value
         started = time.perf_counter()
-        results, failed = {}, False
+        results, failure = {}, None
         try:
             results = self._evaluate_shards(trainer, pl_module)
-        except Exception:
+        except Exception as error:
             log.exception("rank %d: pass@k evaluation at step %d failed", trainer.global_rank, step)
-            failed = True
-        if trainer.strategy.reduce_boolean_decision(failed, all=False):
+            failure = error
+        if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
+            if stage != TrainerFn.FITTING.value:  # the evaluation is all validate / test do: it failed
+                reason = " ".join(str(failure).split()) if failure is not None else "it failed on another rank"
+                raise ValueError(f"{stage}: the pass@k evaluation failed, no metrics were written: {reason}") from failure
             if trainer.is_global_zero:
                 log.warning("pass@k evaluation at step %d failed (see the error above); going on without it", step)
             return None

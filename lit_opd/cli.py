@@ -6,6 +6,7 @@
     lit-opd report --sweep DIR --output OUT      the table and plots over a sweep's variants × seeds
     lit-opd sweep GRID.yaml                      a grid of variants × seeds, run after run, resumable
     lit-opd quickstart                           the offline end-to-end demo on a CPU
+    lit-opd serve-teacher TEACHER --top-k 32     `vllm serve` of a teacher for --model.init_args.teacher_url
 """
 
 import sys
@@ -13,6 +14,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 from lit_opd import quickstart, report, sweep
+from lit_opd.rollout import teacher_server
 from lit_opd.configs import shipped_configs
 from lit_opd.lightning_cli import run_lightning
 
@@ -30,11 +32,12 @@ SUBCOMMANDS = {
     "report": Subcommand(report.main, "markdown table and plot of pass@k for runs, or over a sweep"),
     "sweep": Subcommand(sweep.main, "a grid of variants × seeds from one YAML, run after run, resumable"),
     "quickstart": Subcommand(quickstart.main, "the offline end-to-end demo: data, SFT, OPD, pass@k on a CPU"),
+    "serve-teacher": Subcommand(teacher_server.main, "`vllm serve` of a teacher with the prompt log-probs scoring needs"),
 }
 
 
 def usage() -> str:
-    rows = "\n".join(f"  {name:<11} {command.help}" for name, command in SUBCOMMANDS.items())
+    rows = "\n".join(f"  {name:<13} {command.help}" for name, command in SUBCOMMANDS.items())
     return (f"usage: lit-opd <subcommand> [options]   (lit-opd <subcommand> --help for its options)\n\n"
             f"subcommands:\n{rows}\n\nshipped configs (--config NAME): {', '.join(shipped_configs())}")
 

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from lit_opd._checks import check_finite, check_mask, check_nonempty, check_same_shape
+from lit_opd.setting_checks import check_range
 
 Unit = Literal["token", "block", "span", "sequence"]
 Aggregation = Literal["mean_abs", "mean", "max_abs", "rms"]
@@ -259,6 +260,15 @@ class DriftGate(Gate):
         residual_alpha: float | None = None,
         unit_statistics: bool = False,
     ):
+        key = "model.init_args.gates: DriftGate"
+        check_range(f"{key}.block_size", block_size, 1)
+        check_range(f"{key}.sharpness", sharpness, 0)
+        check_range(f"{key}.g_min", g_min, 0, optional=True)
+        check_range(f"{key}.g_max", g_max, 0, low_open=True, optional=True)
+        if g_min is not None and g_max is not None and g_min > g_max:
+            raise ValueError(f"{key}.g_min must be ≤ g_max, got {g_min} > {g_max}")
+        if not span_delimiter:
+            raise ValueError(f"{key}.span_delimiter must be a non-empty string")
         self.unit, self.block_size, self.span_delimiter = unit, block_size, span_delimiter
         self.agg, self.sharpness = agg, sharpness
         self.g_min, self.g_max, self.residual_alpha = g_min, g_max, residual_alpha
@@ -325,10 +335,8 @@ class SignConsistencyGate(Gate):
     reads_logp = False
 
     def __init__(self, alpha: float = 0.5, beta: float = 0.5):
-        if alpha < 0:
-            raise ValueError(f"alpha must be ≥ 0, got {alpha}")
-        if not 0 <= beta < 1:
-            raise ValueError(f"beta must be in [0, 1), got {beta}")
+        check_range("model.init_args.gates: SignConsistencyGate.alpha", alpha, 0)
+        check_range("model.init_args.gates: SignConsistencyGate.beta", beta, 0, 1, high_open=True)
         self.alpha, self.beta = alpha, beta
 
     def __call__(self, batch, logp):

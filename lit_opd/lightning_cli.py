@@ -7,27 +7,62 @@ DataModule, and `fit_run`, the same for Python callers (the quickstart).
 """
 
 import os
+import re
 import sys
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from lit_opd.checkpointing import (
-    check_resume_layout,
+    check_resume,
     find_last_checkpoint,
     one_line,
     read_checkpoint,
-    resume_layout,
     use_atomic_checkpoint_io,
 )
 from lit_opd.configs import config_file
 from lit_opd.data.prompts import PromptDataModule
+from lit_opd.rollout.teacher_engines import TeacherUnreachable
 
 DEFAULTS = {"fit": {"default_config_files": [str(config_file("defaults"))]}}
 # lit-opd passes `args` on purpose (sys.argv's with shipped config names resolved, or a quickstart
 # stage's): LightningCLI's warning about `args` beside a non-empty sys.argv does not apply.
 warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+
+
+class OPDArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose errors are one line: `lit-opd: error: <key>: <reason>` and exit
+    status 2, without the 80 lines of usage (`lit-opd <subcommand> --help` lists the options)."""
+
+    def error(self, message: str, ex: Exception | None = None):
+        if not self.exit_on_error:
+            return super().error(message, ex)
+        self._logger.error(message)
+        sys.stderr.write(f"lit-opd: error: {condensed_parse_error(message)}\n")
+        self.exit(2)
+
+
+def condensed_parse_error(message: str) -> str:
+    """jsonargparse's error `message` in one line. A value that fits no type of a union (an unknown
+    or broken class_path, nested at any depth) becomes its key in CLI spelling
+    (model.init_args.gates) and the innermost reason; any other message is joined into one line."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return " ".join(message.split())
+    keys, class_path, reason = [], None, None
+    for line in message.splitlines():
+        text = line.strip()
+        if match := re.match(r'Parser key "([^"]+)"', text):
+            keys.append(match.group(1))
+        elif match := re.match(r"- Problem with given class_path '([^']+)'", text):
+            class_path = match.group(1)
+            keys.append("init_args")
+        elif text and not re.match(r"(Does not validate|Subtypes:|Errors:|Given value|- Expected a <class)", text):
+            reason = reason or text
+    while keys and keys[-1] == "init_args":
+        keys.pop()
+    where = ".".join(keys) or "a value"
+    return f"{where}: class_path {class_path!r}: {reason}" if class_path else f"{where}: {reason}"
 
 
 class OPDCLI(LightningCLI):
@@ -40,6 +75,7 @@ class OPDCLI(LightningCLI):
 
     def __init__(self, args: list[str] | None = None, run: bool = True):
         super().__init__(datamodule_class=PromptDataModule, subclass_mode_model=True, parser_kwargs=DEFAULTS,
+                         parser_class=OPDArgumentParser,
                          save_config_kwargs={"overwrite": True}, args=args, run=run)
 
     def add_arguments_to_parser(self, parser) -> None:
@@ -59,6 +95,7 @@ class OPDCLI(LightningCLI):
 
     def before_fit(self) -> None:
         check_manual_optimisation(self.trainer)
+        check_teacher_retry_budget(self.model, self.trainer)
         self.resolve_checkpoint("fit")
 
     def before_validate(self) -> None:
@@ -85,8 +122,7 @@ class OPDCLI(LightningCLI):
         if subcommand != "fit":
             return
         if "lit_opd" in checkpoint and hasattr(self.model, "teacher_path"):
-            layout = resume_layout(self.model, self.datamodule, self.trainer)
-            check_resume_layout(checkpoint["lit_opd"]["layout"], layout, path)
+            check_resume(checkpoint["lit_opd"], self.model, self.datamodule, self.trainer, path)
         for callback in self.trainer.callbacks:
             if isinstance(callback, SaveConfigCallback) and self.trainer.log_dir is not None:
                 if os.path.exists(os.path.join(self.trainer.log_dir, callback.config_filename)):
@@ -102,6 +138,19 @@ def check_manual_optimisation(trainer) -> None:
     if trainer.accumulate_grad_batches != 1:
         raise ValueError("trainer.accumulate_grad_batches: an optimiser step is one mini-batch (data.num_minibatches "
                          "per epoch over a rollout batch); to bound its memory set model.init_args.micro_batch_tokens")
+
+
+def check_teacher_retry_budget(module, trainer) -> None:
+    """With several processes, a rank waiting on a teacher server must give up (and the run write
+    its checkpoint on every rank) before the others, blocked in a collective, hit its timeout."""
+    serving, timeout = getattr(module, "teacher_serving", None), getattr(trainer.strategy, "_timeout", None)
+    if not getattr(module, "teacher_url", None) or timeout is None or trainer.num_nodes * trainer.num_devices == 1:
+        return
+    if serving.give_up_after_s() >= timeout.total_seconds():
+        raise ValueError(
+            f"model.init_args.teacher_serving: {serving.retries + 1} tries × timeout_s {serving.timeout_s:g} s + backoff "
+            f"= {serving.give_up_after_s():g} s, beyond the strategy's collective timeout of "
+            f"{timeout.total_seconds():g} s: lower retries or timeout_s, or raise trainer.strategy.init_args.timeout")
 
 
 def resolve_config_names(args: list[str]) -> list[str]:
@@ -129,6 +178,8 @@ def run_lightning(args: list[str]) -> None:
     """`lit-opd <fit|validate|test> ...`: input errors lit_opd raises end the process with one line."""
     try:
         OPDCLI(args=resolve_config_names(args))
+    except TeacherUnreachable as error:  # a checkpoint is written (or said not to be): one line says it all
+        sys.exit(f"lit-opd: error: {one_line(error)}")
     except ValueError as error:
         input_error = lit_opd_input_error(error)
         if input_error is None:

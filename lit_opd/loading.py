@@ -7,6 +7,8 @@ from typing import Literal
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lit_opd.checkpointing import model_shape
+
 DType = Literal["float32", "bfloat16", "float16"]
 
 
@@ -44,6 +46,20 @@ def check_same_vocabulary(student_tokenizer, teacher_tokenizer, student: str, te
         f"({len(s)} vs {len(t)} tokens; only in student: {only_s}; only in teacher: {only_t}; "
         f"different ids: {moved}): on-policy distillation needs one shared vocabulary"
     )
+
+
+def check_top_k_fits(top_k: int, excluded: int, tokenizer, student: str, teacher: str) -> None:
+    """Before any model loads: the teacher's top-K support (K ids once `excluded` special tokens are
+    dropped) fits in the vocabulary, and every id it can name is a row of the student's lm_head
+    (a teacher with more embedding rows than the student could name one the student has not)."""
+    if top_k + excluded > len(tokenizer):
+        raise ValueError(f"model.init_args.top_k: {top_k} (+ {excluded} masked special tokens) is more than the "
+                         f"{len(tokenizer)} tokens of the vocabulary")
+    student_shape, teacher_shape = model_shape(student), model_shape(teacher)  # None: loading the model will say why
+    student_rows, teacher_rows = (shape and shape[2] for shape in (student_shape, teacher_shape))
+    if student_rows is not None and teacher_rows is not None and teacher_rows > student_rows:
+        raise ValueError(f"model.init_args.teacher: {teacher!r} has {teacher_rows} embedding rows, more than the "
+                         f"student's {student_rows}: its top-K could name ids the student has no row for")
 
 
 def load_causal_lm(path: str, dtype: DType, role: str, tokenizer=None):

@@ -9,6 +9,7 @@ the `eval/` scalars of its TensorBoard event files.
 import argparse
 import json
 import math
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -168,11 +169,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if bool(args.runs) == bool(args.sweep):
         parser.error("give run directories or --sweep DIR, not both")
-    if args.sweep:
-        from lit_opd.sweep_report import sweep_report
+    try:
+        if args.sweep:
+            from lit_opd.sweep_report import sweep_report
 
-        paths = sweep_report(args.sweep, args.output, args.baseline)
-    else:
-        paths = report(args.runs, args.output, args.names)
+            paths = sweep_report(args.sweep, args.output, args.baseline)
+        else:
+            paths = report(args.runs, args.output, args.names)
+    except ValueError as error:  # the reports raise ValueError for their input only, naming the directory or file
+        sys.exit(f"lit-opd: error: {' '.join(str(error).split())}")
     print(paths[0].read_text(encoding="utf-8"))
     print(f"wrote {', '.join(str(path) for path in paths)}")

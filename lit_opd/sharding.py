@@ -13,7 +13,9 @@ turns on `synced_gpus` for FSDP-managed models). The price is one full copy of t
 rank while generating.
 """
 
+import json
 from contextlib import contextmanager
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
@@ -183,14 +185,22 @@ def gathered(root: nn.Module):
         root.reshard()
 
 
-def save_pretrained_full(scorer: nn.Module, tokenizer, path: str, is_global_zero: bool) -> None:
+def save_pretrained_full(scorer: nn.Module, tokenizer, path: str, is_global_zero: bool,
+                         dtype: torch.dtype | None = None) -> None:
     """Write the HF model `scorer.model` (sharded by FSDP2 or FSDP1, or not) and `tokenizer` to
-    `path` as a plain HF checkpoint (`from_pretrained` loads it). The full state dict is gathered
-    to CPU on rank 0 (a collective under sharding: every rank calls this); rank 0 writes."""
+    `path` as a plain HF checkpoint (`from_pretrained` loads it), its floating-point weights in
+    `dtype` (None: as they are; config.json says which). The full state dict is gathered to CPU on
+    rank 0 (a collective under sharding: every rank calls this); rank 0 writes."""
     # Offloading to CPU is for accelerators only (FSDP1 crashes when asked to on CPU processes).
     on_accelerator = next(scorer.parameters()).device.type != "cpu"
     state_dict = get_model_state_dict(scorer, options=StateDictOptions(full_state_dict=True, cpu_offload=on_accelerator))
     if is_global_zero:
         weights = {name.removeprefix("model."): value for name, value in state_dict.items()}
+        if dtype is not None:
+            weights = {name: value.to(dtype) if value.is_floating_point() else value for name, value in weights.items()}
         scorer.model.save_pretrained(path, state_dict=weights)
+        if dtype is not None:  # save_pretrained writes the dtype of the module's own (master) parameters
+            config = Path(path) / "config.json"
+            config.write_text(json.dumps(json.loads(config.read_text()) | {"dtype": str(dtype).removeprefix("torch.")},
+                                         indent=2, sort_keys=True) + "\n")
         tokenizer.save_pretrained(path)

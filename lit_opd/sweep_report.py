@@ -1,9 +1,11 @@
 """`lit-opd report --sweep DIR`: the papers' table and plots over a sweep (`lit-opd sweep`).
 
-For each variant (DIR/<variant>/seed<s>/): pass@k per benchmark and their mean at the last
-evaluated step, mean ± std over seeds, and the difference from the baseline variant with a 95%
-bootstrap interval that resamples seeds and problems, paired by seed and problem. PNGs:
-eval/mean/pass@<k> against step with a band over seeds, and the gate statistics per variant.
+For each variant (DIR/<variant>/seed<s>/): pass@k per benchmark and their mean, mean ± std over
+seeds, and the difference from the baseline variant with a 95% bootstrap interval that resamples
+seeds and problems, paired by seed and problem (only the seeds both variants have). Every run is
+read at the same step: the last step that every seed of every variant evaluated (`common_step`;
+the table names it), so an unfinished run never mixes its early step with the others' last.
+PNGs: eval/mean/pass@<k> against step with a band over seeds, and the gate statistics per variant.
 """
 
 import json
@@ -31,16 +33,27 @@ def read_sweep(sweep_dir: Path) -> Problems:
                 problems[variant][int(seed.removeprefix("seed"))][int(row["step"])][row["benchmark"]][row["index"]] = scores
             except (json.JSONDecodeError, KeyError, ValueError) as error:
                 raise ValueError(f"{path}:{line_number}: not an evaluation row ({error!r})") from None
+    if not sweep_dir.is_dir():
+        raise ValueError(f"sweep directory {str(sweep_dir)!r} does not exist")
     if not problems:
         raise ValueError(f"{sweep_dir}: no runs with evaluation files (<variant>/seed<s>/.../fit_step*.jsonl)")
     return problems
 
 
-def final_matrix(runs: dict[int, dict], k: str) -> dict[str, np.ndarray]:
-    """{benchmark: [seeds, problems] pass@k at each seed's last evaluated step}, seeds sorted."""
-    finals = {seed: steps[max(steps)] for seed, steps in sorted(runs.items())}
-    benchmarks = sorted(next(iter(finals.values())))
-    return {b: np.array([[final[b][i][k] for i in sorted(final[b])] for final in finals.values()]) for b in benchmarks}
+def common_step(problems: Problems) -> int:
+    """The last step that every seed of every variant evaluated."""
+    steps = set.intersection(*(set(steps) for runs in problems.values() for steps in runs.values()))
+    if not steps:
+        reached = {f"{variant}/seed{seed}": max(steps) for variant, runs in problems.items() for seed, steps in runs.items()}
+        raise ValueError(f"no step that every run evaluated (last evaluated steps: {reached})")
+    return max(steps)
+
+
+def step_matrix(runs: dict[int, dict], k: str, step: int, seeds: list[int]) -> dict[str, np.ndarray]:
+    """{benchmark: [seeds, problems] pass@k of `seeds` (in that order) at `step`}."""
+    benchmarks = sorted(runs[seeds[0]][step])
+    return {b: np.array([[runs[seed][step][b][i][k] for i in sorted(runs[seed][step][b])] for seed in seeds])
+            for b in benchmarks}
 
 
 def mean_over_benchmarks(matrices: dict[str, np.ndarray], seeds: np.ndarray, rows: dict[str, np.ndarray]) -> float:
@@ -67,32 +80,37 @@ def sweep_table(problems: Problems, baseline: str, ks: list[str]) -> str:
     and Δ from the baseline [95% CI]."""
     if baseline not in problems:
         raise ValueError(f"--baseline {baseline!r} is not a variant of the sweep ({', '.join(sorted(problems))})")
-    lines = []
+    step, lines = common_step(problems), []
     for k in ks:
-        base = final_matrix(problems[baseline], k)
-        benchmarks = list(base)
-        lines += [f"### {k} (mean ± std over seeds; Δ vs {baseline}, 95% bootstrap CI over seeds × problems)", "",
-                  "| variant | seeds | " + " | ".join(benchmarks) + f" | mean | Δ {k} |",
-                  "|---" * (len(benchmarks) + 4) + "|"]
+        benchmarks = list(step_matrix(problems[baseline], k, step, sorted(problems[baseline])))
+        lines += [f"### {k} at step {step}, the last step every seed of every variant evaluated (mean ± std over "
+                  f"seeds; Δ vs {baseline}, 95% bootstrap CI over the seeds both have × problems)", "",
+                  "| variant | seeds | " + " | ".join(benchmarks) + f" | mean | Δ {k} | paired seeds |",
+                  "|---" * (len(benchmarks) + 5) + "|"]
         for variant, runs in problems.items():
-            matrix = final_matrix(runs, k)
+            matrix = step_matrix(runs, k, step, sorted(runs))
             per_seed = {b: m.mean(axis=1) for b, m in matrix.items()}
             per_seed["mean"] = np.mean([per_seed[b] for b in benchmarks], axis=0)
             cells = [f"{per_seed[b].mean():.3f} ± {per_seed[b].std(ddof=1) if len(per_seed[b]) > 1 else 0:.3f}"
                      for b in [*benchmarks, "mean"]]
+            paired = sorted(set(runs) & set(problems[baseline]))
             if variant == baseline:
-                delta = "–"
+                delta, paired_cell = "–", "–"
+            elif not paired:
+                delta, paired_cell = "no seed in common", "–"
             else:
-                estimate, low, high = paired_bootstrap(matrix, base)
-                delta = f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]"
-            lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + f" | {delta} |")
+                estimate, low, high = paired_bootstrap(step_matrix(runs, k, step, paired),
+                                                       step_matrix(problems[baseline], k, step, paired))
+                delta, paired_cell = f"{estimate:+.3f} [{low:+.3f}, {high:+.3f}]", ", ".join(map(str, paired))
+            lines.append(f"| {variant} | {len(runs)} | " + " | ".join(cells) + f" | {delta} | {paired_cell} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def gate_statistics(sweep_dir: Path) -> dict[str, dict[str, dict[int, list[float]]]]:
     """{variant: {tag: {step: [value per seed]}}} of GATE_TAGS and the UNIT_TAGS from the runs'
-    event files."""
+    event files. UNIT_TAGS only at steps whose drift is not zero: on a rollout batch's first step
+    π_θ is π_old, every unit weighs 1, and the step says nothing about the units."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     stats = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
@@ -101,21 +119,25 @@ def gate_statistics(sweep_dir: Path) -> dict[str, dict[str, dict[int, list[float
         events.Reload()
         variant = path.relative_to(sweep_dir).parts[0]
         tags = events.Tags()["scalars"]
+        undrifted = {event.step for event in events.Scalars("train/drift_abs_mean") if event.value == 0.0} \
+            if "train/drift_abs_mean" in tags else set()
         for tag in [tag for tag in tags if tag in GATE_TAGS or tag.startswith(UNIT_TAGS)]:
             for event in events.Scalars(tag):
-                stats[variant][tag][event.step].append(event.value)
+                if not (tag.startswith(UNIT_TAGS) and event.step in undrifted):
+                    stats[variant][tag][event.step].append(event.value)
     return stats
 
 
 def unit_table(stats: dict[str, dict[str, dict[int, list[float]]]]) -> str:
     """Markdown: per variant that logged UNIT_TAGS, each unit's gate std, min and max on the same
-    steps' drift, averaged over its logged steps and seeds ("" when no run logged them)."""
+    steps' drift, averaged over its steps with drift (`gate_statistics`) and seeds ("" when no run
+    logged them)."""
     lines = []
     for variant, tags in stats.items():
         units = list(dict.fromkeys(tag.split("/")[2] for tag in tags if tag.startswith(UNIT_TAGS)))
         if not units:
             continue
-        lines += [f"### Gate weights per unit on {variant}'s drift (mean over steps and seeds)", "",
+        lines += [f"### Gate weights per unit on {variant}'s drift (mean over the steps with drift ≠ 0 and seeds)", "",
                   "| unit | std | min | max |", "|---|---|---|---|"]
         for unit in units:
             cells = [np.mean([v for values in tags[f"{UNIT_TAGS}{unit}/{name}"].values() for v in values])

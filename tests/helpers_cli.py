@@ -1,6 +1,7 @@
 """`lit-opd fit` arguments and checks shared by the end-to-end tests (tests/ is on sys.path under pytest)."""
 
 import math
+import socket
 from pathlib import Path
 
 import torch
@@ -16,7 +17,7 @@ TRAIN_TAGS = {"train/loss", "train/gate_mean", "train/drift_abs_mean", "train/re
 
 def tiny_args(checkpoints, prompts_file, *extra):
     """Overrides that point a paper config at the tiny checkpoints and a local prompts file, with
-    2 samples of at most 8 tokens per prompt, in float32."""
+    2 samples of at most 8 tokens per prompt, in float32, on the static engine."""
     return [
         f"--model.init_args.student={checkpoints['student']}",
         f"--model.init_args.teacher={checkpoints['teacher']}",
@@ -24,6 +25,7 @@ def tiny_args(checkpoints, prompts_file, *extra):
         "--model.init_args.teacher_dtype=float32",
         "--model.init_args.rollout.num_samples=2",
         "--model.init_args.rollout.max_new_tokens=8",
+        "--model.init_args.rollout.engine=static",
         "--model.init_args.rollout.score_batch_size=4",
         f"--data.tokenizer={checkpoints['student']}",
         f"--data.train_data={prompts_file}",
@@ -49,3 +51,10 @@ def fit_and_check(config: str, checkpoints, prompts_file, log_dir: Path, *extra:
     events.Reload()
     missing = (TRAIN_TAGS | set(tags)) - set(events.Tags()["scalars"])
     assert not missing, f"TensorBoard tags not written: {sorted(missing)}"
+
+
+def closed_port() -> int:
+    """A local TCP port nothing listens on (a teacher server that refuses connections)."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        return closed.getsockname()[1]

@@ -5,14 +5,16 @@ model is loaded (except the case whose model it is), and leaves an earlier run's
 were. A prompt over the length limit is no error: it is dropped and counted."""
 
 import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import datasets
 import pytest
 import yaml
-from transformers import AutoTokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from helpers_cli import closed_port
 from lit_opd.cli import main
 from lit_opd.data.prompts import PromptDataModule
 
@@ -32,6 +34,11 @@ def workspace(tiny_checkpoints, tmp_path_factory, write_prompts):
     tokenizer = AutoTokenizer.from_pretrained(other_teacher)
     tokenizer.add_tokens(["<extra_token>"])
     tokenizer.save_pretrained(other_teacher)
+    wide_teacher = root / "wide_teacher"  # the same tokenizer, 16 more embedding rows than the student
+    model = AutoModelForCausalLM.from_pretrained(tiny_checkpoints["teacher"])
+    model.resize_token_embeddings(model.get_input_embeddings().weight.shape[0] + 16)
+    model.save_pretrained(wide_teacher)
+    AutoTokenizer.from_pretrained(tiny_checkpoints["teacher"]).save_pretrained(wide_teacher)
     config = {
         "trainer": {
             "max_steps": 1, "accelerator": "cpu", "devices": 1, "precision": "32-true",
@@ -44,7 +51,8 @@ def workspace(tiny_checkpoints, tmp_path_factory, write_prompts):
         "model": {
             "class_path": "lit_opd.modules.SampledTokenOPD",
             "init_args": {"student": tiny_checkpoints["student"], "teacher": tiny_checkpoints["teacher"],
-                          "dtype": "float32", "rollout": {"num_samples": 2, "max_new_tokens": 4}},
+                          "dtype": "float32",
+                          "rollout": {"num_samples": 2, "max_new_tokens": 4, "engine": "static"}},
         },
         "data": {"tokenizer": tiny_checkpoints["student"], "train_data": str(train), "prompt_field": "problem",
                  "answer_field": "answer", "problem_format": "as_is", "instruction": "",
@@ -60,7 +68,15 @@ def workspace(tiny_checkpoints, tmp_path_factory, write_prompts):
     main(["fit", "--config", str(fit_config)])
     earlier = root / "runs" / "bad" / "version_0"
     assert (earlier / "checkpoints" / "last.ckpt").is_file()
-    return {"root": root, "fit": str(fit_config), "other_teacher": str(other_teacher), "earlier": earlier,
+    no_chat_template = root / "no_chat_template"  # the student, its tokenizer without a chat template
+    shutil.copytree(tiny_checkpoints["student"], no_chat_template)
+    tokenizer = AutoTokenizer.from_pretrained(no_chat_template)
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(no_chat_template)
+    for leftover in no_chat_template.glob("chat_template.*"):
+        leftover.unlink()
+    return {"root": root, "fit": str(fit_config), "no_chat_template": str(no_chat_template), "other_teacher": str(other_teacher), "earlier": earlier,
+            "wide_teacher": str(wide_teacher),
             "bad_benchmark": str(bad_benchmark), "student": tiny_checkpoints["student"]}
 
 
@@ -74,8 +90,79 @@ def validate_args(ws, *extra):
             f"--trainer.logger.init_args.save_dir={ws['root'] / 'runs'}"]
 
 
+TOPK = "--model.class_path=lit_opd.modules.TeacherTopKLSM"
+
+
+def gates(*gate: dict) -> str:
+    return f"--model.init_args.gates={json.dumps(list(gate))}"
+
+
 # (case, arguments, what the one-line message must contain, whether the error is the loading of a model)
 CASES = [
+    ("chunk_size_negative", lambda ws: fit_args(ws, "--model.init_args.chunk_size=-1"),
+     ["model.init_args.chunk_size must be ≥ 1, got -1"], False),
+    ("chunk_size_zero", lambda ws: fit_args(ws, "--model.init_args.chunk_size=0"),
+     ["model.init_args.chunk_size must be ≥ 1, got 0"], False),
+    ("micro_batch_tokens_negative", lambda ws: fit_args(ws, "--model.init_args.micro_batch_tokens=-8"),
+     ["model.init_args.micro_batch_tokens must be ≥ 0, got -8"], False),
+    ("max_nonfinite_steps_zero", lambda ws: fit_args(ws, "--model.init_args.max_nonfinite_steps=0"),
+     ["model.init_args.max_nonfinite_steps must be ≥ 1, got 0"], False),
+    ("num_samples_zero", lambda ws: fit_args(ws, "--model.init_args.rollout.num_samples=0"),
+     ["model.init_args.rollout.num_samples must be ≥ 1, got 0"], False),
+    ("max_new_tokens_zero", lambda ws: fit_args(ws, "--model.init_args.rollout.max_new_tokens=0"),
+     ["model.init_args.rollout.max_new_tokens must be ≥ 1, got 0"], False),
+    ("temperature_negative", lambda ws: fit_args(ws, "--model.init_args.rollout.temperature=-0.5"),
+     ["model.init_args.rollout.temperature must be ≥ 0, got -0.5"], False),
+    ("top_p_zero", lambda ws: fit_args(ws, "--model.init_args.rollout.top_p=0"),
+     ["model.init_args.rollout.top_p must be in (0, 1], got 0"], False),
+    ("score_batch_size_zero", lambda ws: fit_args(ws, "--model.init_args.rollout.score_batch_size=0"),
+     ["model.init_args.rollout.score_batch_size must be ≥ 1, got 0"], False),
+    ("lr_negative", lambda ws: fit_args(ws, "--model.init_args.optim.lr=-0.1"),
+     ["model.init_args.optim.lr must be ≥ 0, got -0.1"], False),
+    ("beta2_one", lambda ws: fit_args(ws, "--model.init_args.optim.betas=[0.9, 1.0]"),
+     ["model.init_args.optim.betas[1] must be in [0, 1), got 1.0"], False),
+    ("weight_decay_negative", lambda ws: fit_args(ws, "--model.init_args.optim.weight_decay=-1"),
+     ["model.init_args.optim.weight_decay must be ≥ 0, got -1"], False),
+    ("clip_value_zero", lambda ws: fit_args(ws, "--model.init_args.optim.gradient_clip_val=0"),
+     ["model.init_args.optim.gradient_clip_val must be > 0 or null, got 0"], False),
+    ("block_size_zero", lambda ws: fit_args(ws, gates({"class_path": "lit_opd.gates.DriftGate",
+                                                       "init_args": {"block_size": 0}})),
+     ["model.init_args.gates: DriftGate.block_size must be ≥ 1, got 0"], False),
+    ("sharpness_negative", lambda ws: fit_args(ws, gates({"class_path": "lit_opd.gates.DriftGate",
+                                                          "init_args": {"sharpness": -1.0}})),
+     ["DriftGate.sharpness must be ≥ 0, got -1.0"], False),
+    ("g_min_above_g_max", lambda ws: fit_args(ws, gates({"class_path": "lit_opd.gates.DriftGate",
+                                                         "init_args": {"g_min": 2.0, "g_max": 1.0}})),
+     ["DriftGate.g_min must be ≤ g_max, got 2.0 > 1.0"], False),
+    ("sign_gate_beta_one", lambda ws: fit_args(ws, gates({"class_path": "lit_opd.gates.SignConsistencyGate",
+                                                          "init_args": {"beta": 1.0}})),
+     ["SignConsistencyGate.beta must be in [0, 1), got 1.0"], False),
+    ("top_k_zero", lambda ws: fit_args(ws, TOPK, "--model.init_args.top_k=0"),
+     ["model.init_args.top_k must be ≥ 1, got 0"], False),
+    ("top_k_above_the_vocabulary", lambda ws: fit_args(ws, TOPK, "--model.init_args.top_k=100000"),
+     ["model.init_args.top_k: 100000 (+ 0 masked special tokens) is more than the"], False),
+    ("teacher_with_more_rows", lambda ws: fit_args(ws, TOPK, f"--model.init_args.teacher={ws['wide_teacher']}"),
+     ["model.init_args.teacher:", "wide_teacher", "embedding rows, more than the student's"], False),
+    ("max_prompts_zero", lambda ws: fit_args(ws, "--data.max_prompts=0"),
+     ["data.max_prompts must be ≥ 1 or null, got 0"], False),
+    ("teacher_retry_budget_beyond_the_collective_timeout",
+     lambda ws: fit_args(ws, "--model.init_args.teacher_url=http://127.0.0.1:9",
+                         "--model.init_args.teacher_serving.timeout_s=600", "--trainer.devices=2",
+                         f"--trainer.strategy={ROOT / 'configs' / 'strategies' / 'fsdp2_cpu.yaml'}"),
+     ["model.init_args.teacher_serving: 6 tries × timeout_s 600 s + backoff = 3662 s, beyond the strategy's "
+      "collective timeout of 1800 s", "trainer.strategy.init_args.timeout"], False),
+    ("teacher_server_unreachable", lambda ws: fit_args(ws, f"--model.init_args.teacher_url=http://127.0.0.1:{closed_port()}",
+                                                       "--model.init_args.teacher_serving.retries=0"),
+     ["gave no usable answer in 1 tries", "; wrote ", "last.ckpt: resume with --ckpt_path last"], True),
+    ("validate_with_a_tokenizer_without_chat_template",
+     lambda ws: [*validate_args(ws, "--trainer.callbacks.init_args.benchmarks=[aime24]",
+                                "--trainer.callbacks.init_args.max_problems=1",
+                                "--trainer.callbacks.init_args.max_new_tokens=4"),
+                 f"--data.tokenizer={ws['no_chat_template']}"],
+     ["validate: the pass@k evaluation failed, no metrics were written", "has no chat template: set "
+      "data.chat_template=false"], True),
+    ("eval_top_p", lambda ws: validate_args(ws, "--trainer.callbacks.init_args.top_p=1.5"),
+     ["PassAtKEvaluation.top_p must be in (0, 1], got 1.5"], False),
     ("malformed_line", lambda ws: fit_args(ws, f"--data.train_data={BAD / 'malformed_line.jsonl'}"),
      ["malformed_line.jsonl:2:", "malformed JSON line"], False),
     ("missing_answer", lambda ws: fit_args(ws, f"--data.train_data={BAD / 'missing_answer.jsonl'}"),
@@ -96,10 +183,12 @@ CASES = [
      ["missing_answer.jsonl:3:", "no field 'answer'"], False),
 ]
 
-# YAML errors are jsonargparse's: exit status 2, usage, and "error: ..." naming the key.
+# Errors of the YAML and the command line (jsonargparse's): exit status 2 and one line naming the key.
 YAML_CASES = [
-    ("unknown_key", "unknown_key.yaml", ["data.reuses"]),
-    ("wrong_type", "wrong_type.yaml", ['"data.reuse"', "twice"]),
+    ("unknown_key", ["--config", str(BAD / "unknown_key.yaml")], ["data.reuses"]),
+    ("wrong_type", ["--config", str(BAD / "wrong_type.yaml")], ['"data.reuse"', "twice"]),
+    ("unknown_gate", [gates({"class_path": "lit_opd.gates.NoSuchGate"})],
+     ["model.init_args.gates: class_path 'lit_opd.gates.NoSuchGate': module 'lit_opd.gates' has no attribute"]),
 ]
 
 
@@ -140,13 +229,14 @@ def test_bad_input_stops_with_one_line_before_long_work(case, arguments, named, 
     assert digests(workspace["earlier"]) == before
 
 
-@pytest.mark.parametrize(("case", "file", "named"), YAML_CASES, ids=[c[0] for c in YAML_CASES])
-def test_bad_yaml_names_the_key(case, file, named, workspace, model_loads, capsys):
+@pytest.mark.parametrize(("case", "arguments", "named"), YAML_CASES, ids=[c[0] for c in YAML_CASES])
+def test_bad_yaml_names_the_key(case, arguments, named, workspace, model_loads, capsys):
     before = digests(workspace["earlier"])
     with pytest.raises(SystemExit) as exit_info:
-        main(fit_args(workspace, "--config", str(BAD / file)))
+        main(fit_args(workspace, *arguments))
     assert exit_info.value.code == 2
     error = capsys.readouterr().err
+    assert error.startswith("lit-opd: error: ") and error.count("\n") == 1, error
     for text in named:
         assert text in error
     assert model_loads == []
@@ -165,3 +255,15 @@ def test_prompt_over_the_limit_is_dropped_and_counted(workspace, tmp_path, monke
     with pytest.warns(UserWarning, match="dropped 1 of 5 prompts"):
         main(fit_args(workspace, f"--data.train_data={BAD / 'long_prompt.jsonl'}", "--trainer.logger=false",
                       "--trainer.enable_checkpointing=false", "--trainer.callbacks=[]"))
+
+
+@pytest.mark.parametrize("case", ["empty_run", "missing_run", "empty_sweep", "missing_sweep"])
+def test_a_report_of_nothing_stops_with_one_line(case, tmp_path):
+    (tmp_path / "empty").mkdir()
+    directory = tmp_path / ("empty" if case.startswith("empty") else "missing")
+    arguments = ["--sweep", str(directory)] if case.endswith("sweep") else [str(directory)]
+    with pytest.raises(SystemExit) as exit_info:
+        main(["report", *arguments, "--output", str(tmp_path / "report")])
+    message = exit_info.value.code
+    assert isinstance(message, str) and message.startswith("lit-opd: error: ") and "\n" not in message
+    assert str(directory) in message

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_help_lists_every_subcommand_and_shipped_config(capsys):
     main(["--help"])
     out = capsys.readouterr().out
-    assert set(SUBCOMMANDS) == {"fit", "validate", "test", "report", "sweep", "quickstart"}
+    assert set(SUBCOMMANDS) == {"fit", "validate", "test", "report", "sweep", "quickstart", "serve-teacher"}
     assert all(f"  {name} " in out for name in SUBCOMMANDS)
     assert "opd_block64" in out and "quickstart/base" in out
 

@@ -138,8 +138,8 @@ def test_a_sleeping_vllm_engine_wakes_once_for_the_parts_of_a_rollout_batch(tiny
         def __init__(self):
             self.calls = []
 
-        def wake_up(self):
-            self.calls.append("wake_up")
+        def wake_up(self, tags):
+            self.calls.append(f"wake_up {tags[0]}")
 
         def sleep(self, level):
             self.calls.append("sleep")
@@ -164,7 +164,8 @@ def test_a_sleeping_vllm_engine_wakes_once_for_the_parts_of_a_rollout_batch(tiny
     generation = generate_rows(engine, CausalLMScorer(tiny_lm), *args, batch_size=2,
                                on_part=lambda first, part: parts.append(first))
     assert parts == [0, 2, 4] and generation.response_ids.shape == (6, 3)
-    assert llm.calls == ["wake_up", "reload_weights", "sample", "sample", "sample", "sleep"]
+    woken = ["wake_up weights", "reload_weights", "wake_up kv_cache"]  # level 2 sleep dropped the weights
+    assert llm.calls == [*woken, "sample", "sample", "sample", "sleep"]
     llm.calls.clear()
     generate_rows(engine, CausalLMScorer(tiny_lm), *args, batch_size=2)
-    assert llm.calls == ["wake_up", "sample", "sleep"]
+    assert llm.calls == [*woken, "sample", "sleep"]

@@ -35,6 +35,7 @@ from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from helpers_cli import tiny_args
+from lit_opd.checkpointing import AtomicModelParallelStrategy, aside_path, read_checkpoint, staging_path
 from lit_opd.cli import main
 from lit_opd.logprobs import CausalLMScorer
 from lit_opd.rollout.engine import HFGenerateEngine, SamplingConfig
@@ -158,12 +159,13 @@ def lit_opd_script() -> str:
 
 def fit_two_processes(args, out: Path, strategy: str, check: bool = True) -> subprocess.CompletedProcess:
     """`lit-opd fit` on 2 CPU processes; Lightning starts the second one (it reruns this command
-    line, so the CLI runs as a script). With `check`, it must succeed."""
+    line, so the CLI runs as a script). `check`: assert that it exits 0."""
     command = [lit_opd_script(), *args, "--trainer.accelerator=cpu",
                "--trainer.devices=2", f"--trainer.strategy={strategy}"]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "tests"), os.environ.get("PYTHONPATH", "")]))
     result = subprocess.run(command, cwd=out, env=env, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0 or not check, result.stdout[-3000:] + result.stderr[-6000:]
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
     return result
 
 
@@ -300,7 +302,8 @@ def test_a_collection_failure_on_one_rank_stops_both_after_a_checkpoint_that_res
     phases = "--model.init_args.rollout.teacher_phases=[[0, 1.0]]"
     straight = run(tmp_path_factory, "sg_straight", "sg_opd", tiny_checkpoints, prompts_file, 2, [], 4, phases)
     out = tmp_path_factory.mktemp("sg_failing")
-    args = fit_args("sg_opd", tiny_checkpoints, prompts_file, out, [], 2, 4, phases, callbacks=[failing])
+    args = fit_args("sg_opd", tiny_checkpoints, prompts_file, out, [], 2, 4, phases,
+                    "--trainer.enable_checkpointing=true", callbacks=[failing])
     result = fit_two_processes(args, out, FSDP2_CPU, check=False)
     last = out / "checkpoints" / "last.ckpt"
     message = (f"CollectionFailed: RuntimeError: teacher generation failed on rank 1; wrote {last}: resume with "
@@ -311,6 +314,71 @@ def test_a_collection_failure_on_one_rank_stops_both_after_a_checkpoint_that_res
     resumed = run(tmp_path_factory, "sg_resumed", "sg_opd", tiny_checkpoints, prompts_file, 2, [], 4, phases,
                   f"--ckpt_path={last}")
     torch.testing.assert_close(losses(resumed), losses(straight)[2:], rtol=1e-6, atol=0)
+
+
+class DyingStrategy(AtomicModelParallelStrategy):
+    """FSDP2 on gloo whose rank `die_rank` exits (`os._exit`, no clean-up) at the point `die_at` of
+    the sharded save after optimiser step `die_step`."""
+
+    def __init__(self, die_at: str, die_step: int, die_rank: int = 0):
+        super().__init__(process_group_backend="gloo", timeout=timedelta(seconds=120))
+        self.die_at, self.die_step, self.die_rank = die_at, die_step, die_rank
+
+    def reached(self, point: str) -> None:
+        if (point, self.global_rank, self.lightning_module.trainer.global_step) == (
+                self.die_at, self.die_rank, self.die_step):
+            os._exit(17)
+
+
+# The points of a sharded save (`AtomicShardedSave.save_checkpoint`), the rank killed there and the
+# step `--ckpt_path last` then holds when the save of step 2 was killed.
+SAVE_POINTS = [("shards_written", 1, 1), ("staged", 0, 1), ("set_aside", 0, 2), ("swapped", 0, 2)]
+
+
+@pytest.mark.parametrize(("point", "rank", "resumed_from"), SAVE_POINTS, ids=[p[0] for p in SAVE_POINTS])
+def test_a_kill_at_any_point_of_a_sharded_save_resumes_exactly(point, rank, resumed_from, opd_sharded,
+                                                                tmp_path_factory, tiny_checkpoints, prompts_file):
+    """2-process FSDP2 saving last.ckpt (a directory) after every step, one rank killed at `point`
+    of the save of step 2: `--ckpt_path last` finds a whole checkpoint (step 1's, or step 2's where
+    the staged one was complete) and the resumed run's losses equal the uninterrupted run's."""
+    config, gates = OPD
+    killed = tmp_path_factory.mktemp(f"killed_{point}")
+    checkpoints = killed / "ckpt"
+    saver = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+             "init_args": {"dirpath": str(checkpoints), "save_last": True, "save_top_k": 0, "every_n_train_steps": 1}}
+
+    def args(out, *extra):
+        probe = {"class_path": "test_fsdp.Probe", "init_args": {"out": str(out), "steps": []}}
+        return fit_args(config, tiny_checkpoints, prompts_file, out, [], 2, 3, gates, "--trainer.enable_checkpointing=true",
+                        f"--trainer.callbacks={json.dumps([probe, saver])}", *extra)
+
+    dying = json.dumps({"class_path": "test_fsdp.DyingStrategy",
+                        "init_args": {"die_at": point, "die_step": 2, "die_rank": rank}})
+    result = fit_two_processes(args(killed), killed, dying, check=False)
+    assert result.returncode != 0, result.stderr[-3000:]
+    last = checkpoints / "last.ckpt"
+    assert last.exists() == (point != "set_aside")  # killed between the two renames: only the set-aside one
+    resumed = tmp_path_factory.mktemp(f"resumed_{point}")
+    fit_two_processes(args(resumed, "--ckpt_path=last"), resumed, FSDP2_CPU)
+    rows, straight = json.loads((resumed / "losses.json").read_text()), losses(opd_sharded)
+    assert [row["step"] for row in rows] == list(range(resumed_from + 1, 4))
+    torch.testing.assert_close([row["loss"] for row in rows], straight[resumed_from:], rtol=1e-6, atol=0)
+    assert read_checkpoint(last)["global_step"] == 3
+    assert not staging_path(last).exists() and not aside_path(last).exists()
+
+
+def test_a_torn_sharded_checkpoint_is_refused_in_one_line(tmp_path, tiny_checkpoints, prompts_file):
+    """A sharded checkpoint directory without the shards' index (a save cut short by another
+    writer) is refused before any model loads."""
+    torn = tmp_path / "last.ckpt"
+    torn.mkdir()
+    torch.save({"global_step": 3}, torn / "meta.pt")
+    config, gates = OPD
+    with pytest.raises(SystemExit) as exit_info:
+        main(fit_args(config, tiny_checkpoints, prompts_file, tmp_path, [], 2, 3, gates, f"--ckpt_path={torn}"))
+    message = exit_info.value.code
+    assert message.startswith("lit-opd: error: ") and "\n" not in message
+    assert f"{torn}: a torn sharded checkpoint (no .metadata)" in message
 
 
 @pytest.mark.parametrize("strategy", sorted((ROOT / "configs" / "strategies").glob("*.yaml")), ids=lambda p: p.stem)

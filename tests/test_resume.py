@@ -7,7 +7,6 @@ import hashlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from helpers_cli import closed_port
 from lit_opd.checkpointing import AtomicCheckpointIO, atomic_save, find_last_checkpoint, gather_rank_states
 from lit_opd.cli import main
 from lit_opd.data.prompts import PromptDataModule
@@ -68,7 +68,8 @@ def sg_opd_config(checkpoints, inputs, runs: Path) -> dict:
             "class_path": "lit_opd.modules.SampledTokenOPD",
             "init_args": {
                 "student": checkpoints["student"], "teacher": checkpoints["teacher"], "dtype": "float32",
-                "rollout": {"num_samples": 2, "max_new_tokens": 8, "teacher_phases": [[0, 0.5], [4, 0.0]]},
+                "rollout": {"num_samples": 2, "max_new_tokens": 8, "teacher_phases": [[0, 0.5], [4, 0.0]],
+                            "engine": "static"},
                 "optim": {"lr": 1e-2},
                 "gates": [{"class_path": "lit_opd.gates.SignConsistencyGate"},
                           {"class_path": "lit_opd.gates.DriftGate", "init_args": {"block_size": 4}}],
@@ -190,22 +191,28 @@ class Losses(L.Callback):
 
 
 def python_api_fit(checkpoints, inputs, out: Path, max_steps: int, ckpt_path=None, micro_batch_tokens: int = 0,
-                   teacher_url: str | None = None):
+                   teacher_url: str | None = None, optim: OptimConfig = OptimConfig(lr=1e-2),
+                   saver: ModelCheckpoint | None = None, checkpointing: bool = True):
     """SampledTokenOPD with a Block gate, 2 rollout batches per epoch of 4 optimiser steps each
-    (reuse 2 × 2 mini-batches): an epoch is 8 optimiser steps."""
+    (reuse 2 × 2 mini-batches): an epoch is 8 optimiser steps. `saver` (default: a checkpoint
+    after every step in `out`); `checkpointing` false: none. Returns the micro-steps' losses and the
+    checkpoint of `max_steps` (None without checkpointing)."""
     module = SampledTokenOPD(student=checkpoints["student"], teacher=checkpoints["teacher"], dtype="float32",
-                             rollout=RolloutConfig(num_samples=2, max_new_tokens=8), optim=OptimConfig(lr=1e-2),
+                             rollout=RolloutConfig(num_samples=2, max_new_tokens=8), optim=optim,
                              gates=[DriftGate(block_size=4)], micro_batch_tokens=micro_batch_tokens,
                              teacher_url=teacher_url, teacher_serving=TeacherServing(retries=2, backoff_s=0.01))
     data = PromptDataModule(checkpoints["student"], str(inputs / "train.jsonl"), instruction="", max_prompts=4,
                             prompts_per_rollout=2, reuse=2, num_minibatches=2)
     losses = Losses()
-    saver = ModelCheckpoint(dirpath=out, every_n_train_steps=1, save_top_k=-1)
+    saver = saver or ModelCheckpoint(dirpath=out, every_n_train_steps=1, save_top_k=-1)
     trainer = L.Trainer(max_steps=max_steps, accelerator="cpu", logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0,
-                        deterministic=True, plugins=[AtomicCheckpointIO()], callbacks=[losses, saver])
+                        enable_model_summary=False, num_sanity_val_steps=0, enable_checkpointing=checkpointing,
+                        deterministic=True, plugins=[AtomicCheckpointIO()],
+                        callbacks=[losses, saver] if checkpointing else [losses])
     trainer.fit(module, data, ckpt_path=ckpt_path)
-    [last] = out.glob(f"*step={max_steps}.ckpt")
+    if not checkpointing:
+        return losses.rows, None
+    [last] = [path for path in out.glob("*.ckpt") if torch.load(path, weights_only=False)["global_step"] == max_steps][:1]
     return losses.rows, torch.load(last, weights_only=False)
 
 
@@ -253,9 +260,7 @@ def test_an_unreachable_teacher_server_stops_the_run_after_a_checkpoint_that_los
     (the rollouts drawn before the failure are drawn again)."""
     straight_rows, straight_final, straight_dir = straight_python_api_run
     [step4] = straight_dir.glob("*step=4.ckpt")
-    with socket.socket() as closed:
-        closed.bind(("127.0.0.1", 0))
-        url = f"http://127.0.0.1:{closed.getsockname()[1]}"
+    url = f"http://127.0.0.1:{closed_port()}"
     with pytest.raises(TeacherUnreachable) as error:
         python_api_fit(tiny_checkpoints, inputs, tmp_path / "stopped", max_steps=10, ckpt_path=step4, teacher_url=url)
     message = str(error.value)
@@ -266,6 +271,59 @@ def test_an_unreachable_teacher_server_stops_the_run_after_a_checkpoint_that_los
     assert rows == straight_rows[4:]
     for name, weight in straight_final["state_dict"].items():
         assert torch.equal(final["state_dict"][name], weight), name
+
+
+def test_with_checkpointing_off_a_teacher_failure_says_nothing_was_written(straight_python_api_run,
+                                                                           tiny_checkpoints, inputs, tmp_path):
+    _, _, straight_dir = straight_python_api_run
+    [step4] = straight_dir.glob("*step=4.ckpt")
+    url = f"http://127.0.0.1:{closed_port()}"
+    with pytest.raises(TeacherUnreachable) as error:
+        python_api_fit(tiny_checkpoints, inputs, tmp_path / "stopped", max_steps=10, ckpt_path=step4, teacher_url=url,
+                       checkpointing=False)
+    message = str(error.value)
+    assert "nothing was written (trainer.enable_checkpointing is false)" in message
+    assert "wrote" not in message and "--ckpt_path last" not in message and "\n" not in message
+    assert not (tmp_path / "stopped").exists()
+
+
+def test_the_last_step_is_saved_at_the_end_of_a_fit(straight_python_api_run, tiny_checkpoints, inputs, tmp_path):
+    """max_steps 8 with a checkpoint every 3 steps: last.ckpt holds step 8 (the run's own weights),
+    and resuming from it to step 10 continues like the uninterrupted run."""
+    straight_rows, straight_final, straight_dir = straight_python_api_run
+    saver = ModelCheckpoint(dirpath=tmp_path / "every3", every_n_train_steps=3, save_last=True)
+    python_api_fit(tiny_checkpoints, inputs, tmp_path / "every3", max_steps=8, saver=saver)
+    last = torch.load(tmp_path / "every3" / "last.ckpt", weights_only=False)
+    [step8] = straight_dir.glob("*step=8.ckpt")
+    assert last["global_step"] == 8
+    for name, weight in torch.load(step8, weights_only=False)["state_dict"].items():
+        assert torch.equal(last["state_dict"][name], weight), name
+    rows, final = python_api_fit(tiny_checkpoints, inputs, tmp_path / "resumed", max_steps=10,
+                                 ckpt_path=tmp_path / "every3" / "last.ckpt")
+    assert rows == straight_rows[8:]
+    for name, weight in straight_final["state_dict"].items():
+        assert torch.equal(final["state_dict"][name], weight), name
+
+
+def test_a_resume_optimises_with_the_command_s_settings(straight_python_api_run, tiny_checkpoints, inputs, tmp_path):
+    """Resumed at step 7 with lr 0.5 (the checkpoint's: 0.01), weight decay 0 and other betas:
+    the optimiser takes the command's values, keeps Adam's moments, and the step's update is
+    0.5 / 0.01 = 50 times the uninterrupted run's (AdamW's update is linear in lr); resumed with the
+    checkpoint's own settings nothing changes, bit for bit (test_resume_across_an_epoch_end)."""
+    _, _, straight_dir = straight_python_api_run
+    [step7], [step8] = straight_dir.glob("*step=7.ckpt"), straight_dir.glob("*step=8.ckpt")
+    at7, at8 = (torch.load(path, weights_only=False) for path in (step7, step8))
+    _, final = python_api_fit(tiny_checkpoints, inputs, tmp_path / "resumed", max_steps=8, ckpt_path=step7,
+                              optim=OptimConfig(lr=0.5, betas=(0.9, 0.999)))
+    [group] = final["optimizer_states"][0]["param_groups"]
+    assert (group["lr"], group["initial_lr"], final["lr_schedulers"][0]["base_lrs"]) == (0.5, 0.5, [0.5])
+    for name, before in at7["state_dict"].items():
+        straight_update, update = at8["state_dict"][name] - before, final["state_dict"][name] - before
+        torch.testing.assert_close(update, 50 * straight_update, rtol=1e-3, atol=1e-6, msg=name)
+    _, final = python_api_fit(tiny_checkpoints, inputs, tmp_path / "betas", max_steps=8, ckpt_path=step7,
+                              optim=OptimConfig(lr=1e-2, weight_decay=0.1, betas=(0.5, 0.9)))
+    [group] = final["optimizer_states"][0]["param_groups"]
+    assert (group["lr"], group["weight_decay"], tuple(group["betas"])) == (1e-2, 0.1, (0.5, 0.9))
 
 
 # ----------------------------------------------------------------------- atomic writes
@@ -337,6 +395,7 @@ def no_model_loads(monkeypatch):
         ("--data.num_minibatches=1", "data.num_minibatches is 1 here but 2"),
         ("--model.init_args.rollout.num_samples=4", "model.init_args.rollout.num_samples is 4 here but 2"),
         ("TEACHER", "model.init_args.teacher is"),
+        ("STUDENT", "model.init_args.student (hidden size, layers, vocabulary rows) is (48, 2, "),
     ],
 )
 def test_resume_with_settings_that_break_the_buffer_is_refused(one_step_run, override, named, tmp_path,
@@ -345,6 +404,8 @@ def test_resume_with_settings_that_break_the_buffer_is_refused(one_step_run, ove
     if override == "TEACHER":  # the same weights and vocabulary, but another teacher as far as anyone knows
         other = shutil.copytree(tiny_checkpoints["teacher"], tmp_path / "other_teacher")
         override = f"--model.init_args.teacher={other}"
+    if override == "STUDENT":  # another shape: the teacher's (width 48, not 32) as the student
+        override = f"--model.init_args.student={tiny_checkpoints['teacher']}"
     run_dir = root / "runs" / "resume" / "version_0"
     before = {p: digest(p) for p in run_dir.rglob("*") if p.is_file()}
     with pytest.raises(SystemExit) as exit_info:
@@ -354,6 +415,29 @@ def test_resume_with_settings_that_break_the_buffer_is_refused(one_step_run, ove
     assert named in message and str(run_dir / "checkpoints" / "last.ckpt") in message
     assert {p: digest(p) for p in run_dir.rglob("*") if p.is_file()} == before
     assert not (root / "runs" / "resume" / "version_1").exists()
+
+
+def test_a_resume_that_adds_a_sign_gate_to_a_buffer_without_verdicts_is_refused(tiny_checkpoints, inputs, tmp_path,
+                                                                                 monkeypatch):
+    """Stopped mid-way through a rollout batch collected without verifier verdicts (no sign gate,
+    no teacher phases), resumed with a SignConsistencyGate, which reads them: refused in one line
+    before any model loads (it was `KeyError: 'correct'` at the first step)."""
+    config = sg_opd_config(tiny_checkpoints, inputs, tmp_path / "runs")
+    config["trainer"].update(max_steps=2, callbacks=config["trainer"]["callbacks"][:1])
+    config["model"]["init_args"]["rollout"].pop("teacher_phases")
+    config["model"]["init_args"]["gates"] = config["model"]["init_args"]["gates"][1:]  # the drift gate alone
+    path = write_config(config, tmp_path / "config.yaml")
+    main(["fit", "--config", path])
+    for where in ("lit_opd.modules.assembly.load_causal_lm", "lit_opd.rollout.factory.load_causal_lm"):
+        monkeypatch.setattr(where, lambda *args: pytest.fail("a model was loaded"))
+    sign_and_drift = json.dumps([{"class_path": "lit_opd.gates.SignConsistencyGate"},
+                                 {"class_path": "lit_opd.gates.DriftGate", "init_args": {"block_size": 4}}])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", path, f"--model.init_args.gates={sign_and_drift}", "--trainer.max_steps=4",
+              "--ckpt_path", "last"])
+    message = str(exit_info.value.code)
+    assert message.startswith("lit-opd: error: cannot resume from") and "\n" not in message
+    assert "model.init_args.gates has SignConsistencyGate, which reads verifier verdicts" in message
 
 
 def test_resume_through_the_python_api_is_refused_too(one_step_run, tiny_checkpoints, inputs):
@@ -387,3 +471,19 @@ def test_every_rank_state_reaches_the_checkpoint(tmp_path):
     assert not torch.equal(states[0]["generator"], states[1]["generator"])
     assert torch.load(tmp_path / "states.1", weights_only=False) is None
     assert gather_rank_states({"rank": 0}) == [{"rank": 0}]
+
+
+def test_a_trainer_built_in_python_gets_atomic_sharded_saves_too():
+    """`lit-opd` makes the strategy's sharded saves atomic when it builds the trainer; a trainer built
+    in Python gets the same from the callback every distillation module brings (only the class
+    changes: the strategy's settings stay)."""
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lit_opd.checkpointing import AtomicModelParallelStrategy, ResumableCheckpoints
+
+    strategy = ModelParallelStrategy(process_group_backend="gloo", save_distributed_checkpoint=False)
+    trainer = L.Trainer(accelerator="cpu", devices=1, strategy=strategy, logger=False)
+    ResumableCheckpoints().setup(trainer, None, "fit")
+    assert type(trainer.strategy) is AtomicModelParallelStrategy and trainer.strategy is strategy
+    assert isinstance(trainer.strategy.checkpoint_io, AtomicCheckpointIO)
+    assert not trainer.strategy.writes_directory()

@@ -85,11 +85,14 @@ def test_a_killed_sweep_skips_finished_runs_and_the_report_reads_them(grid_file,
     units = {line.split(" | ")[0].strip("| "): line.strip("| ").split(" | ")[1:] for line in table.splitlines()
              if line.startswith(("| token", "| block", "| span", "| sequence"))}
     assert "Gate weights per unit on opd_block64" in table and list(units) == ["token", "block", "span", "sequence"]
-    stds = []
+    stds, first_steps = [], 0
     for seed in (0, 1):
         events = EventAccumulator(str(tmp_path / "sweep" / "opd_block64" / f"seed{seed}"))
         events.Reload()
-        stds += [event.value for event in events.Scalars("train/gate_units/token/std")]
+        undrifted = {event.step for event in events.Scalars("train/drift_abs_mean") if event.value == 0.0}
+        first_steps += len(undrifted)
+        stds += [event.value for event in events.Scalars("train/gate_units/token/std") if event.step not in undrifted]
+    assert first_steps > 0 and stds  # rollout batches' first steps (every gate 1) are left out, reuse steps kept
     assert float(units["token"][0]) == pytest.approx(sum(stds) / len(stds), abs=6e-4)
 
 
@@ -272,3 +275,43 @@ def test_sweep_gains_hand_values(tmp_path):
     assert drift["last_epoch/drift_abs_mean"] == pytest.approx(1.05)
     assert drift["last_epoch/gate_min"] == pytest.approx(1.0 - 0.105)
     assert drift["reverse_kl_first_tenth"] == pytest.approx(1.0) and drift["reverse_kl_last_tenth"] == pytest.approx(0.25)
+
+
+def write_runs(root, scores: dict[tuple[str, int], dict[int, list[float]]]) -> None:
+    """fit_step<step>.jsonl of benchmark "b" per (variant, seed): {step: pass@1 per problem}."""
+    for (variant, seed), steps in scores.items():
+        run = root / variant / f"seed{seed}"
+        run.mkdir(parents=True)
+        for step, values in steps.items():
+            rows = [{"step": step, "benchmark": "b", "index": i, "pass@1": v} for i, v in enumerate(values)]
+            (run / f"fit_step{step}.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+
+
+def test_every_run_is_read_at_the_last_step_all_reached_and_only_common_seeds_are_paired(tmp_path):
+    """opd has seeds 0-2 evaluated at steps 0, 2, 4; gated's seed 1 stopped after step 2 and it has
+    no seed 2; solo has seed 2 only. Every run is read at step 2 (the table says so), gated is
+    paired with opd on seeds 0 and 1, solo on seed 2 alone."""
+    scores = {("opd", s): {0: [0.0, 0.0], 2: [0.25 * s, 0.5], 4: [1.0, 1.0]} for s in (0, 1, 2)}
+    scores |= {("gated", 0): {0: [0.0, 0.0], 2: [0.5, 0.5], 4: [0.0, 0.0]}, ("gated", 1): {0: [0.0, 0.0], 2: [1.0, 0.5]},
+               ("solo", 2): {0: [0.0, 0.0], 2: [1.0, 1.0], 4: [1.0, 1.0]}}
+    write_runs(tmp_path, scores)
+    from lit_opd.sweep_report import read_sweep, sweep_table
+
+    table = sweep_table(read_sweep(tmp_path), "opd", ["pass@1"])
+    assert "### pass@1 at step 2, the last step every seed of every variant evaluated" in table
+    rows = {line.split(" | ")[0].strip("| "): line.strip(" |").split(" | ") for line in table.splitlines()
+            if line.startswith("| ") and not line.startswith("| variant")}
+    # at step 2, per seed: opd 0.25, 0.375, 0.5; gated 0.5, 0.75; solo 1.0
+    assert rows["opd"][1:4] == ["3", "0.375 ± 0.125", "0.375 ± 0.125"]
+    assert rows["gated"][1:3] == ["2", "0.625 ± 0.177"]
+    # paired on seeds 0 and 1: Δ = mean(0.5 − 0.25, 0.75 − 0.375) = 0.3125; solo on seed 2: 1.0 − 0.5
+    assert rows["gated"][4].startswith("+0.312 [") and rows["gated"][5] == "0, 1"
+    assert rows["solo"][4].startswith("+0.500 [") and rows["solo"][5] == "2"
+
+
+def test_a_sweep_without_a_common_step_is_refused(tmp_path):
+    write_runs(tmp_path, {("opd", 0): {2: [1.0]}, ("gated", 0): {4: [1.0]}})
+    from lit_opd.sweep_report import read_sweep, sweep_table
+
+    with pytest.raises(ValueError, match=r"no step that every run evaluated .*'opd/seed0': 2"):
+        sweep_table(read_sweep(tmp_path), "opd", ["pass@1"])

@@ -7,6 +7,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from transformers import AutoTokenizer
 
 from helpers_cli import OVERRIDES, fit_and_check, tiny_args
 from lit_opd.cli import main
@@ -160,6 +161,31 @@ def test_export_student_writes_loadable_hf_checkpoints(tiny_checkpoints, prompts
     exported = AutoModelForCausalLM.from_pretrained(tmp_path / "final")
     for name, value in module.student.state_dict().items():
         torch.testing.assert_close(exported.state_dict()[name], value, rtol=0, atol=0, msg=name)
+
+
+def test_export_student_writes_the_student_s_original_dtype(tiny_checkpoints, prompts_file, tmp_path):
+    """A bfloat16 student trained with float32 master weights (dtype float32) is exported in
+    bfloat16 by default (its weights the trained ones, rounded), in float32 with dtype master."""
+    from transformers import AutoModelForCausalLM
+
+    from lit_opd.callbacks import ExportStudent
+
+    bf16_student = tmp_path / "bf16_student"
+    AutoModelForCausalLM.from_pretrained(tiny_checkpoints["student"], dtype=torch.bfloat16).save_pretrained(bf16_student)
+    AutoTokenizer.from_pretrained(tiny_checkpoints["student"]).save_pretrained(bf16_student)
+    module = make_module({**tiny_checkpoints, "student": str(bf16_student)})
+    data = PromptDataModule(str(bf16_student), prompts_file, prompts_per_rollout=2, reuse=1)
+    exports = [ExportStudent(str(tmp_path / "original")), ExportStudent(str(tmp_path / "master"), dtype="master")]
+    make_trainer(1, callbacks=exports).fit(module, data)
+    trained = module.student.state_dict()
+    assert next(iter(trained.values())).dtype == torch.float32
+    original = AutoModelForCausalLM.from_pretrained(tmp_path / "original" / "final")
+    master = AutoModelForCausalLM.from_pretrained(tmp_path / "master" / "final")
+    assert json.loads((tmp_path / "original" / "final" / "config.json").read_text())["dtype"] == "bfloat16"
+    for name, value in trained.items():
+        assert original.state_dict()[name].dtype == torch.bfloat16, name
+        torch.testing.assert_close(original.state_dict()[name], value.to(torch.bfloat16), rtol=0, atol=0, msg=name)
+        torch.testing.assert_close(master.state_dict()[name], value, rtol=0, atol=0, msg=name)
 
 
 def test_validate_a_plain_hf_model_through_the_cli(tiny_checkpoints, tmp_path, monkeypatch):

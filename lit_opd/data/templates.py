@@ -39,8 +39,9 @@ class PromptTemplate:
             return f"{content}\n\nSolution:"
         if not tokenizer.chat_template:
             raise ValueError(
-                f"tokenizer {tokenizer.name_or_path!r} has no chat template: set template.chat=false "
-                "(plain template for base models) or use a tokenizer with one"
+                f"tokenizer {tokenizer.name_or_path!r} has no chat template: set data.chat_template=false "
+                "(the plain template, for base models; evaluation alone: the PassAtKEvaluation callback's chat: "
+                "false) or use a tokenizer with one"
             )
         messages = [{"role": "user", "content": content}]
         switches = {} if self.enable_thinking is None else {"enable_thinking": self.enable_thinking}

@@ -11,13 +11,14 @@ from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch import Tensor
 
+from lit_opd.checkpointing import ResumableCheckpoints
 from lit_opd.data.templates import PromptTemplate, datamodule_template
 from lit_opd.gates import Gate
 from lit_opd.loading import DType, check_same_vocabulary, frozen_teacher_dtype, load_causal_lm, load_tokenizer
 from lit_opd.logprobs import CausalLMScorer
 from lit_opd.losses import Reduction
 from lit_opd.modules.optim import OptimConfig
-from lit_opd.modules.state import drop_teacher_keys, restore_training_state, training_state
+from lit_opd.modules.state import CommandOptimiserSettings, drop_teacher_keys, restore_training_state, training_state
 from lit_opd.modules.step import NonfiniteGuard
 from lit_opd.rollout.buffer import RolloutBuffer
 from lit_opd.rollout.collection import RolloutCollector
@@ -26,6 +27,8 @@ from lit_opd.rollout.factory import TeacherPlacement, build_engine, build_teache
 from lit_opd.rollout.scoring import ScoringSettings
 from lit_opd.rollout.settings import RolloutConfig
 from lit_opd.rollout.teacher_engines import TeacherEngine, TeacherServing
+from lit_opd.rollout.vllm_engine import require_vllm
+from lit_opd.setting_checks import check_step_settings
 from lit_opd.sharding import place_scorer, save_pretrained_full
 from lit_opd.verify import Verifier, available_cpus
 
@@ -96,10 +99,12 @@ class DistillationSetup(L.LightningModule):
         seed: int = 0,
     ):
         super().__init__()
+        check_step_settings(chunk_size, micro_batch_tokens, max_nonfinite_steps)
         self.save_hyperparameters(ignore=["gates"])
         check_teacher_placement(teacher_engine, teacher_url, self.full_teacher_logits)
         self.student_path, self.teacher_path, self.dtype_name, self.teacher_dtype_name = student, teacher, dtype, teacher_dtype
         self.teacher_engine, self.teacher_url, self.teacher_serving = teacher_engine, teacher_url, teacher_serving
+        require_vllm(rollout.engine)
         self.tokenizer = load_tokenizer(tokenizer or student, "tokenizer")
         check_same_vocabulary(self.tokenizer, load_tokenizer(teacher, "teacher"), student, teacher)
         self.rollout, self.optim, self.reduction, self.seed = rollout, optim, reduction, seed
@@ -150,10 +155,16 @@ class DistillationSetup(L.LightningModule):
         """Sample responses with the live student (what PassAtKEvaluation calls). [B, P] → Generation."""
         return self.collector.generate(self.policy, prompt_ids, prompt_mask, sampling, generator)
 
-    def save_student_pretrained(self, path: str) -> None:
-        """Write the student and tokenizer as a plain HF checkpoint, sharded or not (every rank
-        calls this; rank 0 writes)."""
-        save_pretrained_full(self.policy, self.tokenizer, path, self.trainer.is_global_zero if self._trainer else True)
+    def configure_callbacks(self):
+        """Checkpoints complete or absent, the last step saved at the end of fit; the command's
+        optimiser settings on resume."""
+        return [ResumableCheckpoints(), CommandOptimiserSettings()]
+
+    def save_student_pretrained(self, path: str, dtype: torch.dtype | None = None) -> None:
+        """Write the student and tokenizer as a plain HF checkpoint, sharded or not, its weights in
+        `dtype` (None: the master weights' own; every rank calls this; rank 0 writes)."""
+        save_pretrained_full(self.policy, self.tokenizer, path, self.trainer.is_global_zero if self._trainer else True,
+                             dtype)
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}

@@ -5,6 +5,7 @@ import torch
 
 from lit_opd.logprobs import chunked_generalized_jsd, token_logprobs
 from lit_opd.modules.base import DistillationModule
+from lit_opd.setting_checks import check_range
 
 
 class GKD(DistillationModule):
@@ -22,8 +23,8 @@ teacher factory refuses a teacher outside it (`full_teacher_logits`).
     full_teacher_logits = "GKD's full-vocabulary divergence"
 
     def __init__(self, *, beta: float = 0.5, temperature: float = 1.0, **kwargs):
-        if not 0.0 <= beta <= 1.0:
-            raise ValueError(f"model.beta must be in [0, 1], got {beta}")
+        check_range("model.init_args.beta", beta, 0, 1)
+        check_range("model.init_args.temperature", temperature, 0, low_open=True)
         super().__init__(**kwargs)
         self.beta, self.temperature = beta, temperature
 

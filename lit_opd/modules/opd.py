@@ -4,6 +4,7 @@ import torch
 
 from lit_opd.losses import bounded_sampled_token_opd, sampled_token_opd
 from lit_opd.modules.base import DistillationModule
+from lit_opd.setting_checks import check_range
 
 
 class SampledTokenOPD(DistillationModule):
@@ -36,6 +37,8 @@ class SampledTokenOPD(DistillationModule):
         **kwargs,
     ):
         super().__init__(**kwargs)
+        check_range("model.init_args.clip_eps_low", clip_eps_low, 0, 1, high_open=True, optional=True)
+        check_range("model.init_args.clip_eps_high", clip_eps_high, 0, optional=True)
         if (clip_eps_low is None) != (clip_eps_high is None):
             raise ValueError("model.clip_eps_low / clip_eps_high: set both, or neither")
         if teacher_advantage_clip is not None and (teacher_advantage_clip <= 0 or not 0 <= teacher_ratio_clip < 1):

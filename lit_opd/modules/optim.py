@@ -4,6 +4,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lit_opd.setting_checks import check_optim_settings
+
 
 @dataclass
 class OptimConfig:
@@ -23,6 +25,9 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     warmup_steps: int = 0
     gradient_clip_val: float | None = None
+
+    def __post_init__(self):
+        check_optim_settings(self)
 
     def build(self, params) -> tuple[torch.optim.AdamW, torch.optim.lr_scheduler.LambdaLR]:
         """(AdamW over `params`, its per-step schedule: lr·min(1, (step + 1) / (warmup_steps + 1)))."""

@@ -20,6 +20,7 @@ from lit_opd.data.records import field, load_records
 from lit_opd.data.templates import MATH_INSTRUCTION, PromptTemplate
 from lit_opd.logprobs import token_logprobs
 from lit_opd.loading import DType, load_causal_lm, load_tokenizer
+from lit_opd.setting_checks import check_sft_settings
 
 IGNORE_INDEX = -100
 
@@ -165,6 +166,7 @@ class SFTModule(L.LightningModule):
         chunk_size: int = 1024,
     ):
         super().__init__()
+        check_sft_settings(lr, weight_decay, betas, warmup_steps, chunk_size)
         self.save_hyperparameters()
         self.tokenizer = load_tokenizer(tokenizer or model, "tokenizer")
         self.model = load_causal_lm(model, dtype, "model").train()  # from_pretrained returns eval mode

@@ -1,14 +1,16 @@
 """What a distillation module adds to a Lightning checkpoint for an exact resume: the settings
 its rollout buffer and data position depend on (refused if a resumed run changes them), every
-rank's rollout buffer and sampling generator, and the non-finite step counters; and the
-checkpoint written before a run stops because collecting a rollout batch failed."""
+rank's rollout buffer and sampling generator, and the non-finite step counters; the checkpoint
+written before a run stops because collecting a rollout batch failed; and what a resumed run takes
+from its own command instead (`CommandOptimiserSettings`)."""
 
 from contextlib import contextmanager
 
 import torch
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from lit_opd.checkpointing import check_resume_layout, gather_rank_states, resume_layout, save_last_checkpoint
+from lit_opd.checkpointing import check_resume, gather_rank_states, resume_layout, save_last_checkpoint
 from lit_opd.modules.step import NonfiniteGuard
 from lit_opd.rollout.buffer import RolloutBuffer
 from lit_opd.rollout.collection import CollectionFailed, one_line
@@ -52,7 +54,7 @@ def restore_training_state(
 ) -> tuple[RolloutBuffer | None, torch.Generator | None]:
     """Check `state` (checkpoint["lit_opd"] read from `source`) against this run's settings,
     restore `guard`, and return this rank's (rollout buffer, sampling generator)."""
-    check_resume_layout(state["layout"], resume_layout(module, module.trainer.datamodule, module.trainer), source)
+    check_resume(state, module, module.trainer.datamodule, module.trainer, source)
     guard.load_state_dict(state)
     mine = state["ranks"][module.global_rank]
     buffer = RolloutBuffer.from_state_dict(mine["buffer"], torch.device("cpu")) if mine["buffer"] is not None else None
@@ -80,9 +82,34 @@ def checkpoint_if_collection_fails(trainer, generator: torch.Generator):
         failure = error
     if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
         generator.set_state(generator_state)
-        path = save_last_checkpoint(trainer)
+        saved = save_last_checkpoint(trainer)  # "wrote <path>: resume with ..." or "nothing was written ..."
         cause = failure.__cause__ if isinstance(failure, CollectionFailed) else failure
         if isinstance(cause, TeacherUnreachable):  # its message names the server and the tries
-            raise TeacherUnreachable(f"{cause}; wrote {path}: resume with --ckpt_path last") from None
+            raise TeacherUnreachable(f"{cause}; {saved}") from None
         reason = str(failure) if isinstance(failure, CollectionFailed) else one_line(failure)
-        raise CollectionFailed(f"{reason}; wrote {path}: resume with --ckpt_path last") from None
+        raise CollectionFailed(f"{reason}; {saved}") from None
+
+
+def apply_optimiser_settings(optimizer: torch.optim.Optimizer, scheduler, optim) -> None:
+    """Give `optimizer` and its LambdaLR `scheduler` the learning rate, weight decay and betas of
+    `optim` (an `OptimConfig`), keeping their state (Adam's moments, the step count): each group's
+    lr is optim.lr × the schedule's factor at the scheduler's step, computed as LambdaLR computes it,
+    so settings equal to the restored ones change no bit."""
+    scheduler.base_lrs = [optim.lr] * len(optimizer.param_groups)
+    for group, factor in zip(optimizer.param_groups, scheduler.lr_lambdas):
+        group["initial_lr"] = optim.lr
+        group["lr"] = optim.lr * factor(scheduler.last_epoch)
+        group["weight_decay"] = optim.weight_decay
+        group["betas"] = tuple(optim.betas)
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]
+
+
+class CommandOptimiserSettings(Callback):
+    """A resumed fit optimises with the command's `model.init_args.optim` (lr, weight_decay, betas,
+    and warmup_steps, whose schedule is never saved), not the checkpoint's: Lightning restores the
+    optimiser's and scheduler's state, learning rate included, and this callback then applies the
+    command's settings to it (`apply_optimiser_settings`) before the first step."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        for optimizer, config in zip(trainer.optimizers, trainer.lr_scheduler_configs):
+            apply_optimiser_settings(optimizer, config.scheduler, pl_module.optim)

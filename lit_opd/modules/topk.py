@@ -6,6 +6,8 @@ from lit_opd.data.templates import eos_token_ids
 from lit_opd.gates import SignConsistencyGate
 from lit_opd.losses import topk_lsm
 from lit_opd.modules.base import DistillationModule
+from lit_opd.loading import check_top_k_fits
+from lit_opd.setting_checks import check_range
 
 
 class TeacherTopKLSM(DistillationModule):
@@ -40,12 +42,13 @@ class TeacherTopKLSM(DistillationModule):
         mask_special_tokens: bool = False,
         **kwargs,
     ):
-        if top_k < 1:
-            raise ValueError(f"model.top_k must be ≥ 1, got {top_k}")
+        check_range("model.init_args.top_k", top_k, 1)
+        check_range("model.init_args.beta", beta, 0, 1)
         super().__init__(**kwargs)
         self.teacher_top_k, self.divergence, self.tail, self.beta = top_k, divergence, tail, beta
         if mask_special_tokens:
             self.support_exclude = tuple(sorted(set(self.tokenizer.all_special_ids) - set(eos_token_ids(self.tokenizer))))
+        check_top_k_fits(top_k, len(self.support_exclude), self.tokenizer, self.student_path, self.teacher_path)
         self.sign_gate = next((g for g in self.gates if isinstance(g, SignConsistencyGate)), None)
 
     def position_gates(self, mb, logp):

