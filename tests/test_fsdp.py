@@ -306,10 +306,11 @@ def test_a_collection_failure_on_one_rank_stops_both_after_a_checkpoint_that_res
                     "--trainer.enable_checkpointing=true", callbacks=[failing])
     result = fit_two_processes(args, out, FSDP2_CPU, check=False)
     last = out / "checkpoints" / "last.ckpt"
-    message = (f"CollectionFailed: RuntimeError: teacher generation failed on rank 1; wrote {last}: resume with "
-               f"--ckpt_path last")
+    message = (f"lit-opd: error: RuntimeError: teacher generation failed on rank 1; wrote {last}: resume with "
+               f"--ckpt_path last\n")
     assert result.returncode != 0 and message in result.stderr, result.stderr[-6000:]
-    assert f"collecting the rollout batch failed on another rank; wrote {last}" in result.stderr
+    assert f"lit-opd: error: collecting the rollout batch failed on another rank; wrote {last}" in result.stderr
+    assert "Traceback" not in result.stderr
     assert (last / ".metadata").is_file() and len(losses(out)) == 2
     resumed = run(tmp_path_factory, "sg_resumed", "sg_opd", tiny_checkpoints, prompts_file, 2, [], 4, phases,
                   f"--ckpt_path={last}")
