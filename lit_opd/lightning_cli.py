@@ -23,6 +23,7 @@ from lit_opd.checkpointing import (
 )
 from lit_opd.configs import config_file
 from lit_opd.data.prompts import PromptDataModule
+from lit_opd.rollout.collection import CollectionFailed
 from lit_opd.rollout.teacher_engines import TeacherUnreachable
 
 DEFAULTS = {"fit": {"default_config_files": [str(config_file("defaults"))]}}
@@ -178,7 +179,7 @@ def run_lightning(args: list[str]) -> None:
     """`lit-opd <fit|validate|test> ...`: input errors lit_opd raises end the process with one line."""
     try:
         OPDCLI(args=resolve_config_names(args))
-    except TeacherUnreachable as error:  # a checkpoint is written (or said not to be): one line says it all
+    except (TeacherUnreachable, CollectionFailed) as error:  # a checkpoint is written (or said not to be): one line
         sys.exit(f"lit-opd: error: {one_line(error)}")
     except ValueError as error:
         input_error = lit_opd_input_error(error)

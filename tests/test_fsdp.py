@@ -88,6 +88,26 @@ class Probe(L.Callback):
             pl_module.save_student_pretrained(str(self.out / "export"))
 
 
+class FailTeacherGeneration(L.Callback):
+    """On rank `rank`, phased teacher sampling's teacher generation fails at global step `step`,
+    after the teacher generated (its collectives made: the failure is this rank's own)."""
+
+    def __init__(self, step: int, rank: int = 1):
+        self.step, self.rank = step, rank
+
+    def on_train_start(self, trainer, pl_module):
+        teacher = pl_module.collector.teacher
+        generate = teacher.generate
+
+        def failing(*args, **kwargs):
+            generation = generate(*args, **kwargs)
+            if trainer.global_rank == self.rank and trainer.global_step == self.step:
+                raise RuntimeError(f"teacher generation failed on rank {self.rank}")
+            return generation
+
+        teacher.generate = failing
+
+
 class CPUFSDPStrategy(FSDPStrategy):
     """Lightning's FSDPStrategy (FSDP1), unchanged: Lightning refuses the FSDPStrategy class itself
     on CPU, so the test names this subclass to run the same FSDP1 code on gloo."""
@@ -104,8 +124,9 @@ def prompts_file(write_prompts):
 
 
 def fit_args(config, checkpoints, prompts_file, out, steps, prompts_per_rollout, max_steps, *extra, export=False,
-             checkpoint_every_step=False):
-    callbacks = [{"class_path": "test_fsdp.Probe", "init_args": {"out": str(out), "steps": steps, "export": export}}]
+             checkpoint_every_step=False, callbacks=()):
+    callbacks = [{"class_path": "test_fsdp.Probe", "init_args": {"out": str(out), "steps": steps, "export": export}},
+                 *callbacks]
     if checkpoint_every_step:
         callbacks.append({"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                           "init_args": {"dirpath": str(out / "ckpt"), "every_n_train_steps": 1, "save_top_k": -1}})
@@ -268,6 +289,32 @@ def test_sharded_checkpoint_resumes_to_the_same_losses(opd_sharded, tmp_path_fac
     resumed = run(tmp_path_factory, "opd_resumed", config, tiny_checkpoints, prompts_file, 2, [], 3, gates,
                   f"--ckpt_path={checkpoints[0]}")
     torch.testing.assert_close(losses(resumed), losses(opd_sharded)[1:], rtol=1e-6, atol=0)
+
+
+def test_a_collection_failure_on_one_rank_stops_both_after_a_checkpoint_that_resumes(tmp_path_factory,
+                                                                                    tiny_checkpoints, prompts_file):
+    """SG-OPD on 2 FSDP2 processes: at step 2 (it opens rollout batch 1) rank 1's phased teacher
+    sampling fails after the teacher generated, while rank 0 goes on to verify and then to the
+    student's sharded scoring forwards. Every rank learns of it first (`collection.settle`), so both
+    stop with one line naming the failure and the checkpoint of step 2; resumed from it, the run
+    gives the uninterrupted run's losses."""
+    failing = {"class_path": "test_fsdp.FailTeacherGeneration", "init_args": {"step": 2, "rank": 1}}
+    phases = "--model.init_args.rollout.teacher_phases=[[0, 1.0]]"
+    straight = run(tmp_path_factory, "sg_straight", "sg_opd", tiny_checkpoints, prompts_file, 2, [], 4, phases)
+    out = tmp_path_factory.mktemp("sg_failing")
+    args = fit_args("sg_opd", tiny_checkpoints, prompts_file, out, [], 2, 4, phases,
+                    "--trainer.enable_checkpointing=true", callbacks=[failing])
+    result = fit_two_processes(args, out, FSDP2_CPU, check=False)
+    last = out / "checkpoints" / "last.ckpt"
+    message = (f"lit-opd: error: RuntimeError: teacher generation failed on rank 1; wrote {last}: resume with "
+               f"--ckpt_path last\n")
+    assert result.returncode != 0 and message in result.stderr, result.stderr[-6000:]
+    assert f"lit-opd: error: collecting the rollout batch failed on another rank; wrote {last}" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert (last / ".metadata").is_file() and len(losses(out)) == 2
+    resumed = run(tmp_path_factory, "sg_resumed", "sg_opd", tiny_checkpoints, prompts_file, 2, [], 4, phases,
+                  f"--ckpt_path={last}")
+    torch.testing.assert_close(losses(resumed), losses(straight)[2:], rtol=1e-6, atol=0)
 
 
 class DyingStrategy(AtomicModelParallelStrategy):

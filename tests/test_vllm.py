@@ -356,6 +356,47 @@ def test_fit_on_two_processes_each_with_its_own_engine(checkpoints, tmp_path, wr
     assert len(mismatch) == 2 and max(mismatch) < 1e-4
 
 
+@needs_vllm
+@pytest.mark.slow
+def test_a_server_teacher_scores_each_part_while_the_rest_generate(teacher_server, checkpoints, char_tokenizer):
+    """vLLM rollouts cut in generate_batch_size parts, each scored by a real `vllm serve` as soon as it
+    is generated, the rows phased teacher sampling replaced scored after the mix: every mini-batch's
+    teacher scores equal the server's scores of its rows asked for after collection."""
+    from lit_opd.rollout.collection import RolloutCollector
+    from lit_opd.rollout.scoring import ScoringSettings
+    from lit_opd.rollout.settings import RolloutConfig
+    from lit_opd.rollout.teacher_engines import ServerTeacher, TeacherServing
+    from lit_opd.rollout.vllm_engine import VLLMEngine, VLLMSettings
+    from lit_opd.verify import Verifier
+
+    student = Qwen3ForCausalLM.from_pretrained(checkpoints[True], dtype=torch.float32)
+    engine = VLLMEngine(checkpoints[True], VLLMSettings(kv_cache_memory_bytes=2**27, max_model_len=128))
+    teacher = ServerTeacher(teacher_server, checkpoints[False], TeacherServing(rows_per_request=2))
+    scored, score = [], teacher.score
+    teacher.score = lambda rows, *args: scored.append(rows["input_ids"].shape[0]) or score(rows, *args)
+    rollout = RolloutConfig(num_samples=2, max_new_tokens=12, engine="vllm", generate_batch_size=2,
+                            teacher_phases=[(0, 0.5)])
+    exclude = (char_tokenizer.pad_token_id,)
+    collector = RolloutCollector(rollout, char_tokenizer, engine, teacher, ScoringSettings(top_k=8, exclude=exclude),
+                                 Verifier(num_workers=1))
+    collector.verify = lambda ids, mask, answers: torch.ones(len(answers), dtype=torch.bool)  # every row endorsed
+    ids, mask = prompts(char_tokenizer, ["12+7=", "what is 3*4?", "x", "7"])
+    batch = {"prompt_ids": ids, "prompt_mask": mask, "answers": ["19", "12", "x", "7"], "num_minibatches": 2}
+    try:
+        minibatches, stats = collector.collect(batch, 0, CausalLMScorer(student), torch.Generator().manual_seed(0))
+        replaced = sum(int(mb["from_teacher"].sum()) for mb in minibatches)
+        assert replaced == 4 and stats["train/teacher_mixed_fraction"] == 0.5
+        assert scored == [2, 2, 2, 2, replaced]
+        for mb in minibatches:
+            again = score(mb, 8, set(exclude))
+            ours = {"logp": mb["teacher_logp"], "topk_logp": mb["teacher_topk_logp"], "topk_ids": mb["teacher_topk_ids"]}
+            assert_teacher_scores_equal(ours, again, mb["response_mask"])
+            off = ~mb["response_mask"]
+            assert not ours["logp"][off].any() and not ours["topk_ids"][off].any()
+    finally:
+        collector.close()
+
+
 def test_asleep_between_calls_at_level_2_and_pushed_again(monkeypatch):
     """On CUDA (faked here) each call wakes the weights, pushes the student's, wakes the KV cache,
     generates and sleeps at level 2, which drops the weights: the next call pushes them again even

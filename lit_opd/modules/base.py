@@ -16,7 +16,7 @@ from torch import Tensor
 
 from lit_opd.losses import gated_reduce
 from lit_opd.modules.assembly import DistillationSetup
-from lit_opd.modules.state import check_opens_rollout, checkpoint_if_teacher_unreachable
+from lit_opd.modules.state import check_opens_rollout, checkpoint_if_collection_fails
 from lit_opd.modules.step import (MicroResult, StepPlan, compose, gather_results, gradient_norms, importance_weight,
                                   response_logprobs, step_logs, step_normalizers)
 from lit_opd.rollout.buffer import RolloutBuffer
@@ -35,10 +35,10 @@ class DistillationModule(DistillationSetup):
 
     def fill_buffer(self, batch: dict) -> None:
         """Collect the rollout batch `batch` opens into the buffer, with its loss denominators; log
-        its statistics. A teacher server that stays unreachable stops the run after a checkpoint."""
+        its statistics. A collection that fails on any rank stops the run after a checkpoint."""
         check_opens_rollout(batch, self.buffer)
-        with checkpoint_if_teacher_unreachable(self.trainer, self.generator):
-            minibatches, stats = self.collector.collect(batch, self.global_step, self.policy, self.generator)
+        with checkpoint_if_collection_fails(self.trainer, self.generator) as any_failed:
+            minibatches, stats = self.collector.collect(batch, self.global_step, self.policy, self.generator, any_failed)
         normalizers = step_normalizers([mb["response_mask"] for mb in minibatches], self.reduction,
                                        self.trainer.world_size, self.device)
         self.buffer = RolloutBuffer(batch["rollout_index"], minibatches, normalizers, stats)

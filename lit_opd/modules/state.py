@@ -1,8 +1,8 @@
 """What a distillation module adds to a Lightning checkpoint for an exact resume: the settings
 its rollout buffer and data position depend on (refused if a resumed run changes them), every
 rank's rollout buffer and sampling generator, and the non-finite step counters; the checkpoint
-written before a run stops for an unreachable teacher; and what a resumed run takes from its own
-command instead (`CommandOptimiserSettings`)."""
+written before a run stops because collecting a rollout batch failed; and what a resumed run takes
+from its own command instead (`CommandOptimiserSettings`)."""
 
 from contextlib import contextmanager
 
@@ -13,6 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from lit_opd.checkpointing import check_resume, gather_rank_states, resume_layout, save_last_checkpoint
 from lit_opd.modules.step import NonfiniteGuard
 from lit_opd.rollout.buffer import RolloutBuffer
+from lit_opd.rollout.collection import CollectionFailed, one_line
 from lit_opd.rollout.teacher_engines import TeacherUnreachable
 
 
@@ -66,19 +67,27 @@ def restore_training_state(
 
 
 @contextmanager
-def checkpoint_if_teacher_unreachable(trainer, generator: torch.Generator):
-    """Runs the body (a rollout collection); if a teacher server stayed unreachable on any rank,
-    every rank puts `generator` back, a checkpoint of the last finished step is written, and
-    TeacherUnreachable stops the run. A collective: every rank enters and leaves together."""
-    generator_state, unreachable = generator.get_state(), None
+def checkpoint_if_collection_fails(trainer, generator: torch.Generator):
+    """Runs the body (a rollout collection) with a function that tells whether a flag is on on any
+    rank (`collection.settle`, so that every rank learns of a failure before the collection's next
+    collective). If the collection failed on any rank (an unreachable teacher, a refused or malformed
+    answer, the engine, the verifier pool, ...), every rank puts `generator` back, a checkpoint of the
+    last finished step is written, and every rank stops with one line naming the failure and the
+    checkpoint (`TeacherUnreachable` where that was the failure, else `CollectionFailed`). A
+    collective: every rank enters and leaves together."""
+    generator_state, failure = generator.get_state(), None
     try:
-        yield
-    except TeacherUnreachable as error:
-        unreachable = error
-    if trainer.strategy.reduce_boolean_decision(unreachable is not None, all=False):
+        yield lambda flag: trainer.strategy.reduce_boolean_decision(flag, all=False)
+    except Exception as error:
+        failure = error
+    if trainer.strategy.reduce_boolean_decision(failure is not None, all=False):
         generator.set_state(generator_state)
-        saved = save_last_checkpoint(trainer)
-        raise TeacherUnreachable(f"{unreachable or 'a teacher server of another rank did not answer'}; {saved}") from None
+        saved = save_last_checkpoint(trainer)  # "wrote <path>: resume with ..." or "nothing was written ..."
+        cause = failure.__cause__ if isinstance(failure, CollectionFailed) else failure
+        if isinstance(cause, TeacherUnreachable):  # its message names the server and the tries
+            raise TeacherUnreachable(f"{cause}; {saved}") from None
+        reason = str(failure) if isinstance(failure, CollectionFailed) else one_line(failure)
+        raise CollectionFailed(f"{reason}; {saved}") from None
 
 
 def apply_optimiser_settings(optimizer: torch.optim.Optimizer, scheduler, optim) -> None:

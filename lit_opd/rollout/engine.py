@@ -6,6 +6,7 @@ the same `Generation`, so the training modules and the evaluation never know whi
 """
 
 from abc import ABC, abstractmethod
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Literal
 
@@ -97,6 +98,11 @@ class RolloutEngine(ABC):
     ) -> Generation:
         """prompt_ids, prompt_mask: [B, P], left-padded. Sampling randomness comes from
         `generator` only, so a seeded generator gives the same responses."""
+
+    def held_awake(self):
+        """A context for several generate calls of one rollout batch (its parts): an engine that
+        sleeps between rollout batches wakes once and sleeps after the last (none by default)."""
+        return nullcontext()
 
     def close(self) -> None:
         """Release what the engine holds (none by default)."""

@@ -1,7 +1,7 @@
 """Generating with a model of the trainer (the student, or the teacher in the trainer) through a
 rollout engine: eval mode, at most a given number of rows a call, the model gathered if sharded."""
 
-from contextlib import nullcontext
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -28,20 +28,26 @@ def concat_generations(parts: list[Generation], pad_token_id: int) -> Generation
 def generate_rows(
     engine: RolloutEngine, scorer: nn.Module, prompt_ids: Tensor, prompt_mask: Tensor, sampling: SamplingConfig,
     eos_token_ids: list[int], pad_token_id: int, generator: torch.Generator, batch_size: int = 0,
+    on_part: Callable[[int, Generation], None] | None = None,
 ) -> Generation:
     """Sample responses with `scorer`'s model (a `CausalLMScorer`) in eval mode, at most
     `batch_size` rows per engine call (0: all; its KV cache grows with them). A paged engine (vLLM)
-    takes every row and the weights one tensor at a time; the others run the model itself,
-    gathered if sharded. [B, P] → Generation."""
+    takes every row and the weights one tensor at a time, unless `on_part` asks for the parts; the
+    others run the model itself, gathered if sharded. `on_part(first row, part)` is handed each
+    engine call's Generation as soon as it is done (to score it while the rest generate).
+    [B, P] → Generation."""
     model = scorer.model
     was_training = model.training
     model.eval()
-    size = prompt_ids.shape[0] if engine.paged else batch_size or prompt_ids.shape[0]
+    size = prompt_ids.shape[0] if engine.paged and on_part is None else batch_size or prompt_ids.shape[0]
+    parts = []
     try:
-        with torch.no_grad(), nullcontext() if engine.paged else gathered(scorer):
-            parts = [engine.generate(model, prompt_ids[i : i + size], prompt_mask[i : i + size], sampling,
-                                     eos_token_ids, pad_token_id, generator)
-                     for i in range(0, prompt_ids.shape[0], size)]
+        with torch.no_grad(), engine.held_awake() if engine.paged else gathered(scorer):
+            for i in range(0, prompt_ids.shape[0], size):
+                parts.append(engine.generate(model, prompt_ids[i : i + size], prompt_mask[i : i + size], sampling,
+                                             eos_token_ids, pad_token_id, generator))
+                if on_part is not None:
+                    on_part(i, parts[-1])
     finally:
         model.train(was_training)
     return parts[0] if len(parts) == 1 else concat_generations(parts, pad_token_id)

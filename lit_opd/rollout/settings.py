@@ -24,7 +24,8 @@ class RolloutConfig:
         top_k: sample among the k most likely tokens (0: off).
         engine: the rollout engine: "static" (static KV cache; HF `generate` where unsupported),
             "hf" (HF `generate`) or "vllm" (vLLM in the training process, the student's live weights).
-        generate_batch_size: the most rows per engine call (0: every row at once; vllm takes every row).
+        generate_batch_size: the most rows per engine call (0: every row at once; vllm takes every row,
+            but with a teacher server it generates parts of this size, each scored while the rest generate).
         vllm: the vllm engine's settings (`VLLMSettings`).
         score_batch_size: rows per no-grad scoring forward without a micro_batch_tokens budget.
         verify: verify every row even when nothing needs verdicts (logged: train/verifier_accuracy).

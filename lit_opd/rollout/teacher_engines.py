@@ -271,7 +271,13 @@ class TeacherEngine:
     """The teacher, wherever it runs: `score` (the `CausalLMScorer` teacher scores of rows),
     `generate` (teacher rollouts, as a `RolloutEngine` without a model), `distribute` and `close`.
     In the trainer: `trainer_teacher.TrainerTeacher`; outside it: `VLLMTeacher`, `ServerTeacher`;
-    `factory.build_teacher` makes the one the settings ask for."""
+    `factory.build_teacher` makes the one the settings ask for.
+
+    `scores_while_generating`: `score` may run in a thread while the student's engine generates
+    (rollout collection then scores each generated part at once); only a server teacher does.
+    """
+
+    scores_while_generating = False
 
     @staticmethod
     def logprobs_per_position(top_k: int, exclude: set[int]) -> int:
@@ -294,7 +300,10 @@ class TeacherEngine:
 
 
 class VLLMTeacher(TeacherEngine):
-    """The teacher as an in-process vLLM engine beside the trainer (started on first use)."""
+    """The teacher as an in-process vLLM engine beside the trainer (started on first use). It does
+    not score while the student generates: vLLM keeps the running forward's context in a
+    process-wide global (`vllm.forward_context._forward_context`), so two engines of one process
+    cannot run forwards in two threads at once."""
 
     def __init__(self, model_path: str, settings: TeacherServing, max_logprobs: int, dtype: str = "auto"):
         self.model_path, self.settings, self.max_logprobs = model_path, settings, max_logprobs
@@ -332,6 +341,8 @@ class ServerTeacher(TeacherEngine):
     <teacher> --max-logprobs 64`): `/v1/completions` with token-id prompts. Connection errors,
     timeouts, 5xx/429 answers and malformed answers (`MalformedTeacherAnswer`) are retried with
     exponential backoff; what stays so, or a refused request (HTTP 4xx), raises `TeacherUnreachable`."""
+
+    scores_while_generating = True  # its work is the server's; this process only waits on HTTP
 
     def __init__(self, url: str, model: str, settings: TeacherServing):
         self.url = url.rstrip("/") + ("" if url.rstrip("/").endswith("/v1") else "/v1") + "/completions"

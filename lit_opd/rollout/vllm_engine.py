@@ -10,6 +10,7 @@ is a one-line error naming the extra. The engine runs in the training process
 import gc
 import importlib.util
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -110,6 +111,7 @@ class VLLMEngine(RolloutEngine):
         self.model_path, self.settings = model_path, settings or VLLMSettings()
         self.llm = None
         self.synced: tuple[int, ...] | None = None
+        self.awake, self.holding = False, False
 
     @property
     def sleeps(self) -> bool:
@@ -125,7 +127,7 @@ class VLLMEngine(RolloutEngine):
     def close(self) -> None:
         """Release the engine (its reserved KV-cache memory) so that another can start in this process."""
         if self.llm is not None:
-            self.llm = None
+            self.llm, self.awake = None, False
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -144,18 +146,34 @@ class VLLMEngine(RolloutEngine):
         if self.llm is None:
             self.start(next(model.parameters()).dtype)
             self.push_weights(model)
-        else:  # asleep (level 2: no weights, no KV cache): the weights first, then their cache
-            if self.sleeps:
-                torch.cuda.empty_cache()  # the step's freed blocks, which PyTorch's allocator still holds
-                self.llm.wake_up(tags=["weights"])
+        elif self.sleeps and not self.awake:  # asleep (level 2: no weights, no KV cache): the weights first, then their cache
+            torch.cuda.empty_cache()  # the step's freed blocks, which PyTorch's allocator still holds
+            self.llm.wake_up(tags=["weights"])
             self.push_weights(model)
-            if self.sleeps:
-                self.llm.wake_up(tags=["kv_cache"])
+            self.llm.wake_up(tags=["kv_cache"])
+        else:
+            self.push_weights(model)
+        self.awake = True
         generation = sample(self.llm, prompt_ids, prompt_mask, sampling, eos_token_ids, pad_token_id, generator)
-        if self.sleeps:
+        if not self.holding:
+            self.put_to_sleep()
+        return generation
+
+    @contextmanager
+    def held_awake(self):
+        """Generate calls inside (the parts of one rollout batch) wake the engine once; it sleeps after."""
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+            self.put_to_sleep()
+
+    def put_to_sleep(self) -> None:
+        if self.sleeps and self.awake:
             self.llm.sleep(level=2)
             self.synced = None  # level 2 dropped the weights: the next call pushes them all
-        return generation
+        self.awake = False
 
 
 def start_llm(model_path: str, dtype: str, gpu_memory_utilization: float, max_model_len: int | None,
