@@ -11,7 +11,8 @@ the hub's are); a tokenizer with Qwen3's special tokens at Qwen3's ids (151,643 
 `enable_thinking` switch and one token per character for text; 4 DAPO-layout prompts (chat
 messages with DAPO's "Answer:" prompt, `reward_model.ground_truth`); 2 prompts × 2 samples a
 rollout batch, 16 new tokens; 2 optimiser steps; evaluation of 2 AIME24 problems × n=2 at the
-fit's end; vLLM's KV cache given in bytes (on CPU its memory share is of host memory).
+fit's end; vLLM's KV cache given in bytes (on CPU its memory share is of host memory); each
+config's files in a directory of its own, removed after it.
 
 Each config runs in a process of its own; per config: rc, seconds, peak_rss_gib (that process's
 peak resident set) and the last train/loss. Prints one JSON line per config and a summary line.
@@ -23,6 +24,7 @@ peak resident set) and the last train/loss. Prints one JSON line per config and 
 import argparse
 import json
 import resource
+import shutil
 import string
 import subprocess
 import sys
@@ -108,7 +110,9 @@ def write_inputs(directory: Path, shape: dict) -> dict[str, str]:
 
 
 def machine_overrides(directory: Path, kv_cache_bytes: int) -> str:
-    """A config laid over the paper config: what a 2-core CPU forces, nothing else."""
+    """A config laid over the paper config: what a 2-core CPU forces, nothing else. The shipped
+    callbacks stay (checkpoints every 25 steps and of the last step, the learning-rate monitor, the
+    final student's export); only the evaluation is smaller, and everything is written in `directory`."""
     overrides = {
         "trainer": {
             "accelerator": "cpu", "max_steps": 2,
@@ -119,7 +123,10 @@ def machine_overrides(directory: Path, kv_cache_bytes: int) -> str:
                  "init_args": {"benchmarks": ["aime24"], "max_problems": 2, "n": 2, "ks": [1, 2],
                                "max_new_tokens": 16, "batch_size": 4, "verify_workers": 1, "progress": False}},
                 {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                 "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": True, "every_n_train_steps": 1}},
+                 "init_args": {"dirpath": str(directory / "checkpoints"), "save_last": True, "every_n_train_steps": 25}},
+                {"class_path": "lightning.pytorch.callbacks.LearningRateMonitor"},
+                {"class_path": "lit_opd.callbacks.ExportStudent",
+                 "init_args": {"dirpath": str(directory / "student"), "dtype": "original"}},
             ],
         },
         "model": {"init_args": {"rollout": {"num_samples": 2, "max_new_tokens": 16,
@@ -164,12 +171,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         directory = Path(scratch)
         paths = write_inputs(directory, SHAPES[args.shape])
-        overrides = machine_overrides(directory, int(args.kv_cache_gib * 2**30))
         for config in args.configs:
+            run_dir = directory / config  # its checkpoints (the student with AdamW: 9.6 GB at the real shape) go with it
+            run_dir.mkdir()
+            overrides = machine_overrides(run_dir, int(args.kv_cache_gib * 2**30))
             started = time.perf_counter()
             command = [sys.executable, __file__, "--child", config, overrides, *fit_overrides(paths, args.engine)]
-            done = subprocess.run(command,
-                                  capture_output=True, text=True, cwd=scratch)
+            done = subprocess.run(command, capture_output=True, text=True, cwd=run_dir)
+            shutil.rmtree(run_dir)
             result = {"config": config, "shape": args.shape, "engine": args.engine or "as shipped", "rc": done.returncode,
                       "seconds": round(time.perf_counter() - started, 1)}
             if done.returncode == 0:
