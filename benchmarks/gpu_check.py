@@ -43,10 +43,8 @@ import traceback
 from pathlib import Path
 
 import torch
-import yaml
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 DATASHEET_BF16_FLOPS = 989e12  # H100/H200 SXM dense bf16
 QWEN3 = dict(vocab_size=151_936, num_key_value_heads=8, head_dim=128, tie_word_embeddings=True,
              max_position_embeddings=40_960, rms_norm_eps=1e-6, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
@@ -201,15 +199,12 @@ def generation(paths: dict, shape: dict, missing: list[str]) -> dict:
 
 
 def paper_config(name: str) -> dict:
-    """`model.init_args` of a shipped config over defaults.yaml (the keys a variant file sets replace
-    the defaults'; dicts merge one level down), and the trainer's precision."""
-    defaults = yaml.safe_load((CONFIGS / "defaults.yaml").read_text())
-    variant = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
-    init_args = dict(defaults["model"]["init_args"])
-    for key, value in variant["model"]["init_args"].items():
-        init_args[key] = {**init_args[key], **value} if isinstance(value, dict) and key in init_args else value
-    init_args["precision"] = variant.get("trainer", {}).get("precision", defaults["trainer"]["precision"])
-    return init_args
+    """`model.init_args` of a shipped config as `lit-opd fit --config NAME --print_config` resolves it
+    over defaults.yaml (`memory.merged_config`), and the trainer's precision."""
+    from memory import merged_config
+
+    merged = merged_config(name)
+    return {**merged["model"]["init_args"], "precision": merged["trainer"]["precision"]}
 
 
 def build_gates(specs: list[dict]) -> list:
